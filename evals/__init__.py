@@ -1,0 +1,1 @@
+"""ropelab.evals: perplexity-versus-length, passkey, lm-eval bridge, plots, CLI (issue 4)."""

@@ -1,0 +1,1 @@
+"""ropelab.patches: applying position methods to HuggingFace models (issue 3)."""

@@ -1,0 +1,36 @@
+"""ropelab: long-context positional-encoding experiments on pretrained decoder-only models.
+
+The position math lives here (torch only, no transformers): a family of registered
+methods, each the composition of a frequency map, a relative-position map and a query
+scale (shared/docs/methods.md), and the kernels that apply them.
+
+    >>> import ropelab
+    >>> ropelab.methods()
+    ['beta-base', 'dynamic-ntk', 'leaky-rerope', 'linear', 'llama3', 'ntk', 'ntk-old', 'rerope', 'rope', 'self-extend', 'sinusoidal', 'yarn']
+    >>> m = ropelab.get_method("yarn", scale=4, train_length=4096)
+    >>> round(m.frequencies(dim=128, base=1e4).attention_factor, 4)
+    1.1386
+"""
+
+from . import family as _family  # noqa: F401  (registers the methods)
+from .method import Frequencies, Method, RelativeMap, RelativeMethod
+from .registry import get_method, method_class, methods, register
+from .rotary import apply_rotary, cos_sin, sinusoidal_table
+from .spec import parse_method
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Frequencies",
+    "Method",
+    "RelativeMap",
+    "RelativeMethod",
+    "apply_rotary",
+    "cos_sin",
+    "get_method",
+    "method_class",
+    "methods",
+    "parse_method",
+    "register",
+    "sinusoidal_table",
+]

@@ -1,0 +1,16 @@
+"""The registered position methods: one small file each (see shared/docs/methods.md)."""
+
+from . import (  # noqa: F401  (importing registers)
+    beta_base,
+    dynamic_ntk,
+    leaky_rerope,
+    linear,
+    llama3,
+    ntk,
+    ntk_old,
+    rerope,
+    rope,
+    self_extend,
+    sinusoidal,
+    yarn,
+)

@@ -1,0 +1,198 @@
+"""The shape every position method shares (shared/docs/methods.md, "A method is the
+composition of up to three independent parts"):
+
+1. a frequency map `θ_i -> θ'_i` plus an attention factor that multiplies cos and sin;
+2. a relative-position map `r -> r'`, computed as a near band (ordinary RoPE) and a far
+   part with mapped query/key positions (ReRoPE, Leaky ReRoPE, SelfExtend);
+3. a query scale that depends only on the query's own position (log-n, Su's post-hoc
+   variant: `max(1, ln(p+1)/ln L)`).
+
+A method is a frozen, keyword-only dataclass. Subclasses override `frequencies()` for part
+1, inherit `RelativeMap` for part 2, and every method takes `logn` for part 3. Nothing
+here knows about transformers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import ClassVar, NamedTuple
+
+import torch
+
+from . import frequencies as fm
+
+
+class Frequencies(NamedTuple):
+    inv_freq: torch.Tensor  # (dim/2,) float64
+    attention_factor: float  # multiplies cos and sin, so the logits by its square
+
+
+def require(ok: bool, field: str, value, rule: str) -> None:
+    """Raise the one error shape the library uses for bad parameters."""
+    if not ok:
+        raise ValueError(f"{field}={value!r}: {rule}")
+
+
+def check_scale(field: str, value) -> None:
+    require(isinstance(value, (int, float)) and not isinstance(value, bool), field, value, "must be a number")
+    require(math.isfinite(value) and value >= 1, field, value, "must be a finite number >= 1 (1 means no scaling)")
+
+
+def check_positive_int(field: str, value) -> None:
+    require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, field, value, "must be an integer >= 1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Method:
+    """Plain RoPE frequencies, identity relative map, optional log-n. Subclasses change parts."""
+
+    name: ClassVar[str] = ""
+    # True when every position's encoding depends on the current sequence length, so a
+    # prefix's logits change as the sequence grows and the cache must hold keys before RoPE.
+    length_dependent: ClassVar[bool] = False
+    # True when `frequencies()` (or log-n) needs the model's training length.
+    uses_train_length: ClassVar[bool] = False
+
+    train_length: int | None = None  # L: original_max_position_embeddings, else max_position_embeddings
+    logn: bool = False
+
+    def __post_init__(self) -> None:
+        if self.train_length is not None:
+            check_positive_int("train_length", self.train_length)
+        require(isinstance(self.logn, bool), "logn", self.logn, "must be True or False")
+        self.validate()
+
+    def validate(self) -> None:
+        """Subclasses check their own fields here (called from __post_init__)."""
+
+    # -- part 1: frequency map ---------------------------------------------------------
+    def frequencies(self, dim: int, base: float, seq_len: int | None = None) -> Frequencies:
+        """Inverse frequencies for a rotary dimension `dim` and RoPE base `base`.
+
+        `seq_len` is the current sequence length; only length-dependent methods read it.
+        """
+        return Frequencies(fm.rope_inv_freq(dim, base), 1.0)
+
+    # -- part 2: relative-position map -------------------------------------------------
+    @property
+    def relative(self) -> RelativeMap | None:
+        return self if isinstance(self, RelativeMap) else None
+
+    # -- part 3: query scale -----------------------------------------------------------
+    def query_scale(self, positions: torch.Tensor) -> torch.Tensor | None:
+        """Per-query multiplier `max(1, ln(p+1)/ln L)` when `logn`, else None (no scaling)."""
+        if not self.logn:
+            return None
+        length = self.required_train_length()
+        scale = torch.log(positions.to(torch.float64) + 1) / math.log(length)
+        return scale.clamp(min=1.0)
+
+    # -- helpers -----------------------------------------------------------------------
+    @property
+    def needs_train_length(self) -> bool:
+        return self.uses_train_length or self.logn
+
+    def required_train_length(self) -> int:
+        if self.train_length is None:
+            raise ValueError(
+                f"train_length=None: method {self.name!r} needs the model's training length; "
+                "pass train_length=... or patch a model (which supplies it)"
+            )
+        return self.train_length
+
+    def with_train_length(self, train_length: int) -> Method:
+        """This method with `train_length` filled in where it was left to the model."""
+        if self.train_length is not None:
+            return self
+        return dataclasses.replace(self, train_length=train_length)
+
+    @property
+    def params(self) -> dict:
+        """The fields a user set, in declaration order (for records and descriptions)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def spec(self) -> str:
+        """`name:key=value,...` with only non-default fields, the form the CLI accepts."""
+        parts = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.default is not dataclasses.MISSING and value == f.default:
+                continue
+            if isinstance(value, Method):  # nested: name(key=value,...)
+                name, _, inner = value.spec().partition(":")
+                value = f"{name}({inner})"
+            parts.append(f"{f.name}={value}")
+        return self.name + (":" + ",".join(parts) if parts else "")
+
+
+class RelativeMap:
+    """Part 2 of a method: ordinary RoPE for distances r = i - j < window (the near band),
+    and for r ≥ window a far part where the query is rotated at `far_query_position(i)` and
+    the key at `far_key_position(j)`, both with frequencies θ'/far_freq_divisor.
+
+    The logit of the far part then depends on the mapped distance
+    `mapped_distance(i, j) = (far_query_position(i) - far_key_position(j)) / far_freq_divisor`
+    measured in units of the unscaled frequencies.
+    """
+
+    window: int
+    far_freq_divisor: float = 1.0
+
+    def far_query_position(self, i: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def far_key_position(self, j: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def mapped_distance(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        """r' for query position i and key position j (j ≤ i), float64; the reference the kernels are tested against."""
+        i, j = torch.as_tensor(i, dtype=torch.float64), torch.as_tensor(j, dtype=torch.float64)
+        far = (self.far_query_position(i) - self.far_key_position(j)) / self.far_freq_divisor
+        return torch.where(i - j < self.window, i - j, far)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RelativeMethod(Method, RelativeMap):
+    """Base of ReRoPE, Leaky ReRoPE and SelfExtend: a window plus a frequency map borrowed
+    from `frequency_method` (a frequency-only method such as `ntk`; None means plain RoPE),
+    so "Leaky ReRoPE over NTK frequencies" needs no code of its own.
+
+    A window at or beyond the sequence length makes the far part empty: the method is then
+    plain RoPE (over `frequency_method`). That is allowed, and is how the equivalence tests
+    check the kernels.
+    """
+
+    window: int
+    frequency_method: Method | None = None
+
+    def validate(self) -> None:
+        check_positive_int("window", self.window)
+        inner = self.frequency_method
+        if inner is None:
+            return
+        require(isinstance(inner, Method), "frequency_method", inner, "must be a ropelab method (get_method(...))")
+        require(inner.relative is None, "frequency_method", inner.spec(), "must be a frequency-only method")
+        require(not inner.logn, "frequency_method", inner.spec(), "must not set logn; set logn on the outer method")
+        require(
+            inner.train_length in (None, self.train_length),
+            "frequency_method.train_length",
+            inner.train_length,
+            f"must be None or equal to train_length={self.train_length}",
+        )
+
+    @property
+    def uses_train_length(self) -> bool:  # type: ignore[override]
+        return self.frequency_method is not None and self.frequency_method.needs_train_length
+
+    @property
+    def length_dependent(self) -> bool:  # type: ignore[override]
+        return self.frequency_method is not None and self.frequency_method.length_dependent
+
+    def _inner(self) -> Method:
+        inner = self.frequency_method or Method()
+        return inner.with_train_length(self.train_length) if self.train_length is not None else inner
+
+    def frequencies(self, dim: int, base: float, seq_len: int | None = None) -> Frequencies:
+        return self._inner().frequencies(dim, base, seq_len)
