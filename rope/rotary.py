@@ -60,12 +60,12 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: 
 
     cos/sin broadcast against x[..., :rotary_dim], e.g. (T, d) against (B, H, T, D).
     """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r}: must be one of {LAYOUTS}")
     rotary_dim = cos.shape[-1]
     if rotary_dim > x.shape[-1] or rotary_dim % 2:
         raise ValueError(f"rotary_dim={rotary_dim}: must be even and <= the head dimension {x.shape[-1]}")
     rotate = rotate_half if layout == "half" else rotate_interleaved
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout={layout!r}: must be one of {LAYOUTS}")
     if rotary_dim == x.shape[-1]:
         return x * cos + rotate(x) * sin
     x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
