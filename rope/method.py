@@ -35,6 +35,11 @@ def require(ok: bool, field: str, value, rule: str) -> None:
         raise ValueError(f"{field}={value!r}: {rule}")
 
 
+def check_number(field: str, value) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    require(ok, field, value, "must be a finite number")
+
+
 def check_scale(field: str, value) -> None:
     require(isinstance(value, (int, float)) and not isinstance(value, bool), field, value, "must be a number")
     require(math.isfinite(value) and value >= 1, field, value, "must be a finite number >= 1 (1 means no scaling)")

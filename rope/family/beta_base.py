@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .. import frequencies as fm
-from ..method import Frequencies, Method, check_scale, require
+from ..method import Frequencies, Method, check_number, check_scale, require
 from ..registry import register
 
 
@@ -25,7 +25,8 @@ class BetaBase(Method):
 
     def validate(self) -> None:
         check_scale("scale", self.scale)
-        require(isinstance(self.beta, (int, float)) and 0 <= self.beta <= 1, "beta", self.beta, "must be in [0, 1]")
+        check_number("beta", self.beta)
+        require(0 <= self.beta <= 1, "beta", self.beta, "must be in [0, 1]")
 
     def frequencies(self, dim: int, base: float, seq_len: int | None = None) -> Frequencies:
         return Frequencies(fm.beta_base_inv_freq(dim, base, self.scale, self.beta), 1.0)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .. import frequencies as fm
-from ..method import Frequencies, Method, check_scale, require
+from ..method import Frequencies, Method, check_number, check_scale, require
 from ..registry import register
 
 
@@ -22,6 +22,8 @@ class Llama3(Method):
 
     def validate(self) -> None:
         check_scale("scale", self.scale)
+        check_number("low_freq_factor", self.low_freq_factor)
+        check_number("high_freq_factor", self.high_freq_factor)
         require(self.low_freq_factor > 0, "low_freq_factor", self.low_freq_factor, "must be > 0")
         require(
             self.high_freq_factor > self.low_freq_factor,

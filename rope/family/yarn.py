@@ -8,11 +8,10 @@ factor (default 0.1·ln s + 1) multiplies cos and sin, so logits scale by its sq
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from .. import frequencies as fm
-from ..method import Frequencies, Method, check_scale, require
+from ..method import Frequencies, Method, check_number, check_scale, require
 from ..registry import register
 
 
@@ -28,11 +27,13 @@ class YaRN(Method):
 
     def validate(self) -> None:
         check_scale("scale", self.scale)
+        check_number("beta_fast", self.beta_fast)
+        check_number("beta_slow", self.beta_slow)
         require(self.beta_slow > 0, "beta_slow", self.beta_slow, "must be > 0")
         require(self.beta_fast > self.beta_slow, "beta_fast", self.beta_fast, f"must be > beta_slow={self.beta_slow}")
         if self.attention_factor is not None:
-            ok = isinstance(self.attention_factor, (int, float)) and math.isfinite(self.attention_factor)
-            require(ok and self.attention_factor > 0, "attention_factor", self.attention_factor, "must be > 0")
+            check_number("attention_factor", self.attention_factor)
+            require(self.attention_factor > 0, "attention_factor", self.attention_factor, "must be > 0")
 
     def frequencies(self, dim: int, base: float, seq_len: int | None = None) -> Frequencies:
         inv_freq = fm.yarn_inv_freq(dim, base, self.scale, self.required_train_length(), self.beta_fast, self.beta_slow)

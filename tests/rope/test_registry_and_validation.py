@@ -100,3 +100,16 @@ def test_spec_values():
 def test_bad_specs_raise_value_error(bad):
     with pytest.raises(ValueError):
         ropelab.parse_method(bad)
+
+
+@pytest.mark.parametrize(
+    "name,params,message",
+    [
+        ("yarn", {"scale": 2, "beta_fast": "32"}, "beta_fast='32': must be a finite number"),
+        ("llama3", {"scale": 2, "low_freq_factor": None}, "low_freq_factor=None: must be a finite number"),
+        ("beta-base", {"scale": 2, "beta": float("nan")}, "beta=nan: must be a finite number"),
+    ],
+)
+def test_non_numbers_are_refused_before_comparison(name, params, message):
+    with pytest.raises(ValueError, match=message):
+        ropelab.get_method(name, **params)
