@@ -13,10 +13,14 @@ rotation of q and k produces both, so the logits come from two rotations:
 The two parts partition the causal triangle, so each is computed with an attention kernel
 that also returns the row log-sum-exp (torch's CPU flash kernel) and the two results are
 merged exactly: out = (e^lse1·o1 + e^lse2·o2) / (e^lse1 + e^lse2). A prefill therefore
-scores as many (query, key) pairs as plain causal attention and never holds a T×S matrix:
-the far part is one causal call on q[w:] against k[:S-w], the band is computed in query
-blocks with one small mask per block (the same mask for every interior block). Decoding
-touches only the last w keys with the near rotation; ReRoPE's far keys are used unrotated.
+scores about as many (query, key) pairs as plain causal attention and never holds a T×S
+matrix: the far part is one causal call on q[w:] against k[:S-w]; the band is cut into
+query chunks whose keys split into two triangles (one causal as is, one causal once rows
+and keys are reversed) and a rectangle, so it needs no mask (masks cost the kernel an
+extra pass per score); narrow bands use small per-block masks instead. Padding enters as
+a (B, 1, 1, S) additive mask the kernel broadcasts, a sliding window as a second band
+edge. Decoding rotates only the w keys of the window; ReRoPE's far keys are used as
+cached (position 0 is no rotation), so its far part costs no per-key work.
 
 Gemma-2 logit soft-capping cannot be expressed to the flash kernel (it caps each logit
 before the softmax), and the kernel is CPU-only, so soft-capping and non-CPU tensors take
@@ -30,20 +34,30 @@ Conventions are shared/docs/methods.md's: the attention factor multiplies cos an
 from __future__ import annotations
 
 import math
+import threading
+import warnings
+from collections import OrderedDict
 
 import torch
 
 from .method import Method, RelativeMap
-from .rotary import LAYOUTS, apply_rotary, cos_sin
+from .rotary import LAYOUTS, angles
 
 __all__ = ["rotary_attention", "merge_by_lse", "flash_attention_lse"]
 
 _NEG_INF = float("-inf")
 
-# Query rows per band block. The band kernel scores rows × (rows + width) pairs for
-# rows × width useful ones, so a smaller block wastes less; a larger one pays the per-call
-# and per-mask overhead less often. Chosen by timing at 4k-16k tokens (2 CPU threads).
-_BAND_BLOCK_MIN, _BAND_BLOCK_MAX = 128, 512
+# A band at least _CHUNK_MIN_WIDTH wide with at least _CHUNK_MIN_ROWS rows in it is
+# computed as unmasked triangles and rectangles (`_band_chunk`), _CHUNK_MAX_ROWS rows at a
+# time (768 rows is where the kernel switches to 256-row query tiles; at 8k and 16k
+# tokens 768 timed best of 512-4096, and it bounds the temporaries). Narrower bands and
+# a few decoding rows take one masked call per _MASKED_BLOCK rows: the masked waste is
+# small there, and it is one call instead of three.
+_CHUNK_MIN_WIDTH, _CHUNK_MIN_ROWS, _CHUNK_MAX_ROWS = 256, 32, 768
+_MASKED_BLOCK = 128
+# At most this many rows against a causal edge use one masked call (rows × keys mask);
+# more use an unmasked rectangle plus a causal triangle and a merge.
+_FEW_ROWS = 64
 # The eager (soft-capping) path materialises rows × keys × heads logits per block; this
 # caps that at about 32 MB in float32.
 _EAGER_BUDGET = 1 << 23
@@ -70,10 +84,12 @@ def flash_attention_lse(
     """Softmax attention and its row log-sum-exp: (out (B, H, T, D), lse (B, H, T) float32).
 
     Torch's CPU flash kernel; `is_causal` is top-left aligned (query t sees keys ≤ t);
-    `attn_mask` is additive, broadcastable to (B, H, T, S). Rows with no visible key get
-    out 0 and lse -inf (the kernel itself reports lse 0 for rows its mask hides entirely,
-    which would weigh them as e^0 in a merge; callers that mask whole rows must set -inf).
-    Grouped-query heads (H a multiple of Hkv) are passed through: the kernel handles them.
+    `attn_mask` is additive, broadcastable to (B, H, T, S), and may be combined with
+    `is_causal`. A row its mask hides entirely comes back as out 0 with lse 0, not -inf:
+    it would weigh e^0 in a merge, so callers that can hide whole rows must set those to
+    -inf. With no keys at all (S = 0) every row is out 0, lse -inf. Grouped-query heads
+    (H a multiple of Hkv) are passed through: the kernel pairs query head h with key head
+    h // (H/Hkv), like `repeat_interleave` (checked against expanded keys).
     """
     B, H, T, D = query.shape
     S = key.shape[2]
@@ -83,6 +99,8 @@ def flash_attention_lse(
         return out, torch.full((B, H, T), _NEG_INF, dtype=torch.float32, device=query.device)
     if attn_mask is not None and attn_mask.dtype != query.dtype:
         attn_mask = attn_mask.to(query.dtype)
+    # The kernel walks rows by stride but assumes the head dimension is contiguous.
+    query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         query, key, value, 0.0, is_causal, attn_mask=attn_mask, scale=scale
     )
@@ -95,32 +113,31 @@ def merge_by_lse(
     """Attention over the union of two disjoint key sets from the attention over each.
 
     out (..., T, D), lse (..., T) with -inf for an empty key set. Returns (out, lse) with
-    out = (e^lse1·out1 + e^lse2·out2)/(e^lse1 + e^lse2), computed against the row maximum
-    so nothing overflows; rows empty in both parts come out 0 with lse -inf.
+    out = (e^lse1·out1 + e^lse2·out2)/(e^lse1 + e^lse2), computed as weights
+    e^(lse_i - lse) with lse = logaddexp(lse1, lse2), so nothing overflows; rows empty in
+    both parts come out 0 with lse -inf.
     """
     out = out1.clone(memory_format=torch.preserve_format)
     lse = _merge_into(out, lse1, out2, lse2)
     return out, lse
 
 
-def _merge_weights(lse1: torch.Tensor, lse2: torch.Tensor):
-    top = torch.maximum(lse1, lse2)
-    # A row empty in both parts has top = -inf; -inf - -inf would be NaN.
-    top = torch.where(torch.isneginf(top), torch.zeros_like(top), top)
-    e1, e2 = torch.exp(lse1 - top), torch.exp(lse2 - top)
-    total = e1 + e2
-    lse = top + torch.log(total)
-    total = torch.where(total == 0, torch.ones_like(total), total)
-    return e1 / total, e2 / total, lse
-
-
 def _merge_into(out1: torch.Tensor, lse1: torch.Tensor, out2: torch.Tensor, lse2: torch.Tensor) -> torch.Tensor:
-    """merge_by_lse writing the merged rows into out1 (saves a pass and a T×D buffer)."""
-    w1, w2, lse = _merge_weights(lse1.float(), lse2.float())
-    if out1.dtype in (torch.float32, torch.float64):
-        out1.mul_(w1.unsqueeze(-1).to(out1.dtype)).addcmul_(out2, w2.unsqueeze(-1).to(out1.dtype))
+    """merge_by_lse writing the merged rows into out1 (saves a pass and a T×D buffer).
+
+    Few, large elementwise ops on purpose: on a busy 2-core machine every parallel op can
+    stall for a scheduler tick, which dominated decoding when this was written op by op.
+    """
+    work = torch.promote_types(torch.promote_types(lse1.dtype, lse2.dtype), torch.float32)
+    lse1, lse2 = lse1.to(work), lse2.to(work)
+    lse = torch.logaddexp(lse1, lse2)  # -inf only where both parts are empty
+    # exp(-inf - -inf) is NaN exactly for rows empty in both parts; their weight is 0.
+    w1 = torch.exp(lse1 - lse).nan_to_num_(0.0).unsqueeze(-1)
+    w2 = torch.exp(lse2 - lse).nan_to_num_(0.0).unsqueeze(-1)
+    if out1.dtype == work:
+        out1.mul_(w1).addcmul_(out2, w2)
     else:  # half types: weight and add in float32, round once
-        out1.copy_(out1.float() * w1.unsqueeze(-1) + out2.float() * w2.unsqueeze(-1))
+        out1.copy_(out1.to(work) * w1 + out2.to(work) * w2)
     return lse
 
 
@@ -156,10 +173,11 @@ def _combine(band: torch.Tensor | None, pad: torch.Tensor | None) -> torch.Tenso
     return band + pad  # (B, 1, rows, keys): one block's worth only
 
 
-def _fix_empty_rows(lse, keys: _Keys, rows_i: torch.Tensor, lo: int, hi: int | None, j0: int, j1: int):
-    """Set lse = -inf where a row of a call over keys [j0, j1) sees only padding."""
+def _fix_empty_rows(lse, keys: _Keys, i0: int, i1: int, lo: int, hi: int | None, j0: int, j1: int):
+    """Set lse = -inf where a row i ∈ [i0, i1) of a call over keys [j0, j1) sees only padding."""
     if keys.pad_cum is None:
         return
+    rows_i = torch.arange(i0, i1, device=lse.device)
     lo_j = rows_i - (hi - 1) if hi is not None else torch.zeros_like(rows_i)
     lo_j = lo_j.clamp(min=j0)
     hi_j = (rows_i - lo).clamp(max=j1 - 1)
@@ -175,11 +193,10 @@ def _causal_from(q, keys: _Keys, q_first: int, lo: int, scale: float, small: int
     sees plus a top-left-aligned triangle [c, c + n)."""
     n = q.shape[2]
     c = q_first - lo
-    rows_i = torch.arange(q_first, q_first + n, device=q.device)
     if n == 1 or c == 0:
         k, v = keys.slice(0, c + n)
         out, lse = flash_attention_lse(q, k, v, is_causal=n > 1, attn_mask=keys.pad(0, c + n), scale=scale)
-        _fix_empty_rows(lse, keys, rows_i, lo, None, 0, c + n)
+        _fix_empty_rows(lse, keys, q_first, q_first + n, lo, None, 0, c + n)
         return out, lse
     if n <= small:
         # Few rows (decoding a handful of tokens): one call with an n × (c + n) mask.
@@ -188,14 +205,14 @@ def _causal_from(q, keys: _Keys, q_first: int, lo: int, scale: float, small: int
         mask = torch.zeros(n, c + n, dtype=q.dtype, device=q.device).masked_fill_(hide, _NEG_INF)
         k, v = keys.slice(0, c + n)
         out, lse = flash_attention_lse(q, k, v, attn_mask=_combine(mask, keys.pad(0, c + n)), scale=scale)
-        _fix_empty_rows(lse, keys, rows_i, lo, None, 0, c + n)
+        _fix_empty_rows(lse, keys, q_first, q_first + n, lo, None, 0, c + n)
         return out, lse
     k, v = keys.slice(0, c)
     out, lse = flash_attention_lse(q, k, v, attn_mask=keys.pad(0, c), scale=scale)
-    _fix_empty_rows(lse, keys, rows_i, lo, None, 0, c)
+    _fix_empty_rows(lse, keys, q_first, q_first + n, lo, None, 0, c)
     k, v = keys.slice(c, c + n)
     out2, lse2 = flash_attention_lse(q, k, v, is_causal=True, attn_mask=keys.pad(c, c + n), scale=scale)
-    _fix_empty_rows(lse2, keys, rows_i, lo, None, c, c + n)
+    _fix_empty_rows(lse2, keys, q_first, q_first + n, lo, None, c, c + n)
     lse = _merge_into(out, lse, out2, lse2)
     return out, lse
 
@@ -207,47 +224,98 @@ def _band_mask(rows: int, nk: int, offset: int, lo: int, hi: int, dtype, device)
     return torch.zeros(rows, nk, dtype=dtype, device=device).masked_fill_(hide, _NEG_INF)
 
 
-def _band_block_size(width: int) -> int:
-    return int(min(_BAND_BLOCK_MAX, max(_BAND_BLOCK_MIN, 64 * round(width / 8 / 64))))
+def _band_chunk(q, keys: _Keys, i0: int, lo: int, hi: int, scale: float):
+    """Rows i0 … i0+n-1 (n ≤ W = hi - lo, every i ≥ hi - 1) over keys lo ≤ i - j < hi,
+    without a mask: with a = i0 - lo, the keys [a, a+n) form a top-left causal triangle
+    (row t sees u ≤ t), and the keys [a-W+1, a) an upper one (row t sees u ≥ t), which is a
+    top-left causal triangle once rows and keys are both reversed. A partial chunk also
+    has a rectangle [a-W+1+n, a) that every row sees.
+
+    Masks cost the kernel an extra pass over every score (measured: a masked band took
+    1.45× the time of the same number of unmasked scores), and a masked block also scores
+    the two triangles it hides; this scores only the band, at the price of three calls,
+    two merges and flipping one block of q, k and v.
+    """
+    n = q.shape[2]
+    W = hi - lo
+    a = i0 - lo
+    k, v = keys.slice(a, a + n)
+    out, lse = flash_attention_lse(q, k, v, is_causal=True, attn_mask=keys.pad(a, a + n), scale=scale)
+    _fix_empty_rows(lse, keys, i0, i0 + n, lo, hi, a, a + n)
+    m = min(n, W - 1)  # rows with keys in the upper triangle (row W-1 of a full chunk has none)
+    if m > 0:
+        j0 = a - W + 1
+        k, v = keys.slice(j0, j0 + m)
+        pad = keys.pad(j0, j0 + m)
+        o, l = flash_attention_lse(q[:, :, :m].flip(2), k.flip(2), v.flip(2), is_causal=True,
+                                   attn_mask=None if pad is None else pad.flip(-1), scale=scale)
+        o, l = o.flip(2), l.flip(-1)
+        _fix_empty_rows(l, keys, i0, i0 + m, lo, hi, j0, j0 + m)
+        lse[..., :m] = _merge_into(out[:, :, :m], lse[..., :m], o, l)
+    if W - 1 > m:
+        j0, j1 = a - W + 1 + m, a
+        k, v = keys.slice(j0, j1)
+        o, l = flash_attention_lse(q, k, v, attn_mask=keys.pad(j0, j1), scale=scale)
+        _fix_empty_rows(l, keys, i0, i0 + n, lo, hi, j0, j1)
+        lse = _merge_into(out, lse, o, l)
+    return out, lse
 
 
 def _attend_part(q, keys: _Keys, q_first: int, lo: int, hi: int | None, scale: float):
     """Attention of rows i = q_first + t (every row has i ≥ lo) over keys lo ≤ i - j < hi.
 
     Returns (out (B, H, n, D), lse (B, H, n)). Rows with i < hi see every key down to 0
-    and are one causal computation; the rest are band blocks with a per-block mask.
+    and are one causal computation; the rest are a band, computed in chunks of its width
+    as unmasked triangles (`_band_chunk`) or, for narrow bands, in masked blocks.
     """
     B, H, n, _ = q.shape
     Dv = keys.v.shape[-1]
     if hi is not None and hi > q_first + n - 1:
         hi = None  # the lower edge of the band is below key 0 for every row
     width = hi - lo if hi is not None else None
-    block = _band_block_size(width) if width is not None else 0
     n_tri = n if hi is None else max(0, min(n, hi - q_first))
     if n_tri == n:
-        return _causal_from(q, keys, q_first, lo, scale, small=_BAND_BLOCK_MAX)
+        return _causal_from(q, keys, q_first, lo, scale, small=_FEW_ROWS)
 
+    if n == 1:  # decoding one row: a single unmasked call over exactly its band
+        return _band_block(q, keys, q_first, lo, hi, scale, {})
+    # Pieces are written into one buffer as they come (not concatenated at the end), so
+    # the peak holds one piece beside the output, not every piece twice.
     out = torch.empty(B, n, H, Dv, dtype=q.dtype, device=q.device).transpose(1, 2)
-    lse = torch.empty(B, H, n, dtype=torch.float32, device=q.device)
+    lse = torch.empty(B, H, n, dtype=torch.promote_types(q.dtype, torch.float32), device=q.device)
+
+    def put(t0, piece):
+        out[:, :, t0 : t0 + piece[0].shape[2]].copy_(piece[0])
+        lse[..., t0 : t0 + piece[1].shape[-1]].copy_(piece[1])
+
     if n_tri:
-        o, l = _causal_from(q[:, :, :n_tri], keys, q_first, lo, scale, small=_BAND_BLOCK_MAX)
-        out[:, :, :n_tri].copy_(o)
-        lse[:, :, :n_tri].copy_(l)
-    masks: dict[tuple[int, int], torch.Tensor] = {}
-    for t0 in range(n_tri, n, block):
-        t1 = min(n, t0 + block)
-        i0, i1 = q_first + t0, q_first + t1  # rows [i0, i1)
-        j0, j1 = i0 - hi + 1, i1 - lo  # keys [j0, j1); j0 ≥ 1 > 0 since i0 ≥ hi
-        shape = (t1 - t0, j1 - j0)
-        if shape not in masks:  # every full interior block has the same band
-            masks[shape] = _band_mask(shape[0], shape[1], i0 - j0, lo, hi, q.dtype, q.device)
-        k, v = keys.slice(j0, j1)
-        o, l = flash_attention_lse(
-            q[:, :, t0:t1], k, v, attn_mask=_combine(masks[shape], keys.pad(j0, j1)), scale=scale
-        )
-        _fix_empty_rows(l, keys, torch.arange(i0, i1, device=q.device), lo, hi, j0, j1)
-        out[:, :, t0:t1].copy_(o)
-        lse[:, :, t0:t1].copy_(l)
+        put(0, _causal_from(q[:, :, :n_tri], keys, q_first, lo, scale, small=_FEW_ROWS))
+    if width >= _CHUNK_MIN_WIDTH and n - n_tri >= _CHUNK_MIN_ROWS:
+        rows = min(width, _CHUNK_MAX_ROWS)
+        for t0 in range(n_tri, n, rows):
+            t1 = min(n, t0 + rows)
+            put(t0, _band_chunk(q[:, :, t0:t1], keys, q_first + t0, lo, hi, scale))
+    else:
+        masks: dict = {}
+        for t0 in range(n_tri, n, _MASKED_BLOCK):
+            put(t0, _band_block(q[:, :, t0 : t0 + _MASKED_BLOCK], keys, q_first + t0, lo, hi, scale, masks))
+    return out, lse
+
+
+def _band_block(q, keys: _Keys, i0: int, lo: int, hi: int, scale: float, masks: dict):
+    """Rows i0 … i0+n-1 of q (all i ≥ hi - 1) over keys lo ≤ i - j < hi in one call with
+    an n × (n + W - 1) mask; `masks` keeps the masks by shape (every full block shares one)."""
+    n = q.shape[2]
+    j0, j1 = i0 - hi + 1, i0 + n - lo  # keys [j0, j1)
+    if n == 1:  # one row (decoding): the key range is exactly its band
+        band = None
+    else:
+        if (n, j1 - j0) not in masks:
+            masks[n, j1 - j0] = _band_mask(n, j1 - j0, i0 - j0, lo, hi, q.dtype, q.device)
+        band = masks[n, j1 - j0]
+    k, v = keys.slice(j0, j1)
+    out, lse = flash_attention_lse(q, k, v, attn_mask=_combine(band, keys.pad(j0, j1)), scale=scale)
+    _fix_empty_rows(lse, keys, i0, i0 + n, lo, hi, j0, j1)
     return out, lse
 
 
@@ -256,24 +324,132 @@ def _attend_part(q, keys: _Keys, q_first: int, lo: int, hi: int | None, scale: f
 # --------------------------------------------------------------------------------------
 
 
+class _TableCache:
+    """cos/sin tables over a range of integer positions, per (frequencies, factor, dtype,
+    device), shared by every call.
+
+    Every decoding step rotates the w keys of its window again (the cache holds keys
+    before RoPE), and every layer does it with the same frequencies; float64 cos and sin
+    of w × d/2 angles took longer than the attention over 8k keys. Looking the rows up in
+    a table computed once (float64 angles, cast after cos and sin, as `cos_sin` does)
+    gives the same numbers for the price of a gather. A table grows by a quarter beyond
+    what is asked, so a growing sequence rebuilds it rarely; one that would exceed
+    `_TABLE_LIMIT` elements is not kept, and those positions are computed directly.
+    """
+
+    def __init__(self, size: int = 8):
+        self.size = size
+        self.entries: OrderedDict = OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, inv_freq: torch.Tensor, factor: float, dtype, lo: int, hi: int):
+        """(first position, cos, sin) with cos/sin (n, d/2) covering positions [lo, hi]."""
+        key = (inv_freq.detach().cpu().numpy().tobytes(), float(factor), dtype, str(inv_freq.device))
+        with self.lock:
+            entry = self.entries.get(key)
+            if entry is not None and entry[0] <= lo and hi < entry[0] + entry[1].shape[0]:
+                self.entries.move_to_end(key)
+                return entry
+        start, stop = min(lo, 0), hi + 1
+        if entry is not None:
+            start, stop = min(start, entry[0]), max(stop, entry[0] + entry[1].shape[0])
+        stop += (stop - start) // 4
+        if (stop - start) * inv_freq.numel() > _TABLE_LIMIT:
+            return None
+        theta = angles(torch.arange(start, stop, device=inv_freq.device), inv_freq)
+        entry = (start, (theta.cos() * factor).to(dtype), (theta.sin() * factor).to(dtype))
+        with self.lock:
+            self.entries[key] = entry
+            self.entries.move_to_end(key)
+            while len(self.entries) > self.size:
+                self.entries.popitem(last=False)
+        return entry
+
+
+_TABLE_LIMIT = 1 << 22  # elements per table: 16 MB each for cos and sin in float32 (131k positions at d=64)
+_TABLES = _TableCache(size=4)
+
+
+def _tables(positions: torch.Tensor, inv_freq: torch.Tensor, factor: float, dtype):
+    """cos, sin (B, n, d/2) in `dtype` for positions (B, n), both times `factor`."""
+    if positions.is_floating_point():
+        rounded = positions.round()
+        if torch.equal(rounded, positions):  # ReRoPE's w, SelfExtend's groups: integers
+            positions = rounded.to(torch.int64)
+    if not positions.is_floating_point() and positions.numel():
+        lo, hi = (int(x) for x in torch.aminmax(positions))
+        entry = _TABLES.get(inv_freq, factor, dtype, lo, hi)
+        if entry is not None:
+            start, cos, sin = entry
+            index = positions - start
+            return cos[index], sin[index]
+    theta = angles(positions, inv_freq)
+    return (theta.cos() * factor).to(dtype), (theta.sin() * factor).to(dtype)
+
+
 def _rotate(x, positions, inv_freq, factor, layout, dtype, row_scale=None):
     """x (B, H, n, D) rotated at positions (B, n) with `inv_freq`; cos and sin times `factor`
-    and, when given, the whole row times `row_scale` (B, n) (log-n)."""
-    cos, sin = cos_sin(positions, inv_freq, 1.0, layout, torch.float64)
-    scale = torch.full_like(cos[..., :1], factor)
+    and, when given, the whole row times `row_scale` (B, n) (log-n).
+
+    Same result as `apply_rotary` with `cos_sin` tables (float64 angles, cast after cos and
+    sin). Written as four fused multiply-adds into one buffer with half-width tables,
+    because it runs over every query twice and `rotate_half`'s concatenations would cost
+    as much again as the arithmetic.
+    """
+    half = inv_freq.numel()
+    rotary_dim = 2 * half
+    cos, sin = _tables(positions, inv_freq, factor, dtype)
     if row_scale is not None:
-        scale = scale * row_scale.to(torch.float64)[..., None]
-    cos, sin = (cos * scale).to(dtype)[:, None], (sin * scale).to(dtype)[:, None]
-    y = apply_rotary(x, cos, sin, layout)
-    rotary_dim = cos.shape[-1]
-    if row_scale is not None and rotary_dim < x.shape[-1]:
-        y[..., rotary_dim:] *= row_scale.to(dtype)[:, None, :, None]
-    return y
+        cos, sin = cos * row_scale.to(dtype)[..., None], sin * row_scale.to(dtype)[..., None]
+    cos, sin = cos[:, None], sin[:, None]
+    if torch.is_grad_enabled() and x.requires_grad:  # out= ops cannot be differentiated
+        if layout == "half":
+            x1, x2 = x[..., :half], x[..., half:rotary_dim]
+            rot = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        else:
+            x1, x2 = x[..., 0:rotary_dim:2], x[..., 1:rotary_dim:2]
+            rot = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+        rest = x[..., rotary_dim:]
+        if row_scale is not None:
+            rest = rest * row_scale.to(dtype)[:, None, :, None]
+        return torch.cat((rot, rest), dim=-1) if rotary_dim < x.shape[-1] else rot
+    out = torch.empty(x.shape, dtype=dtype, device=x.device)
+    if layout == "half":
+        x1, x2 = x[..., :half], x[..., half:rotary_dim]
+        o1, o2 = out[..., :half], out[..., half:rotary_dim]
+    else:
+        x1, x2 = x[..., 0:rotary_dim:2], x[..., 1:rotary_dim:2]
+        o1, o2 = out[..., 0:rotary_dim:2], out[..., 1:rotary_dim:2]
+    torch.mul(x1, cos, out=o1)
+    o1.addcmul_(x2, sin, value=-1)
+    torch.mul(x2, cos, out=o2)
+    o2.addcmul_(x1, sin)
+    if rotary_dim < x.shape[-1]:
+        if row_scale is None:
+            out[..., rotary_dim:].copy_(x[..., rotary_dim:])
+        else:
+            torch.mul(x[..., rotary_dim:], row_scale.to(dtype)[:, None, :, None], out=out[..., rotary_dim:])
+    return out
 
 
 # --------------------------------------------------------------------------------------
 # validation
 # --------------------------------------------------------------------------------------
+
+
+_warned_slow_path = False
+
+
+def _warn_slow_path() -> None:
+    global _warned_slow_path
+    if not _warned_slow_path:
+        _warned_slow_path = True
+        warnings.warn(
+            "rotary_attention: autograd is recording (an input requires grad), so the slow, "
+            "differentiable eager path is used and its memory grows as T×S; run inference "
+            "under torch.no_grad() or torch.inference_mode() for the fused kernel",
+            stacklevel=3,
+        )
 
 
 def _is_number(x) -> bool:
@@ -290,13 +466,14 @@ def _validate(query, key, value, method, inv_freq, attention_factor, layout, pos
         if not t.is_floating_point():
             raise _err(f"{name}.dtype", t.dtype, "must be a floating-point dtype")
     B, H, T, D = query.shape
-    Bk, Hkv, S, Dk = key.shape
-    if key.dtype != query.dtype or value.dtype != query.dtype:
-        raise _err("key.dtype/value.dtype", (key.dtype, value.dtype), f"must equal query.dtype={query.dtype}")
-    if key.device != query.device or value.device != query.device:
-        raise _err("key.device/value.device", (str(key.device), str(value.device)), f"must equal query.device={query.device}")
-    if Bk != B or value.shape[0] != B:
-        raise _err("key.shape[0]/value.shape[0]", (Bk, value.shape[0]), f"batch must equal query.shape[0]={B}")
+    _, Hkv, S, Dk = key.shape
+    for name, t in (("key", key), ("value", value)):
+        if t.dtype != query.dtype:
+            raise _err(f"{name}.dtype", t.dtype, f"must equal query.dtype={query.dtype}")
+        if t.device != query.device:
+            raise _err(f"{name}.device", str(t.device), f"must equal query.device={query.device}")
+        if t.shape[0] != B:
+            raise _err(f"{name}.shape[0]", t.shape[0], f"batch must equal query.shape[0]={B}")
     if Dk != D:
         raise _err("key.shape[3]", Dk, f"head_dim must equal query.shape[3]={D}")
     if tuple(value.shape[1:3]) != (Hkv, S):
@@ -320,21 +497,26 @@ def _validate(query, key, value, method, inv_freq, attention_factor, layout, pos
     elif isinstance(position_offset, int) and not isinstance(position_offset, bool):
         offsets = torch.full((B,), position_offset, dtype=torch.int64, device=query.device)
     elif isinstance(position_offset, torch.Tensor):
-        if position_offset.dtype.is_floating_point or position_offset.dtype == torch.bool or position_offset.is_complex():
+        dt = position_offset.dtype
+        if dt.is_floating_point or dt.is_complex or dt == torch.bool:
             raise _err("position_offset.dtype", position_offset.dtype, "must be an integer dtype")
         if position_offset.dim() == 0:
             position_offset = position_offset.expand(B)
         if tuple(position_offset.shape) != (B,):
-            raise _err("position_offset.shape", tuple(position_offset.shape), f"must be ({B},) (one offset per sequence)")
+            raise _err("position_offset.shape", tuple(position_offset.shape),
+                       f"must be ({B},) (one offset per sequence)")
         offsets = position_offset.to(device=query.device, dtype=torch.int64)
     else:
         raise _err("position_offset", position_offset, "must be None, an int or a (B,) integer tensor")
     if key_padding_mask is not None:
         if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
-            raise _err("key_padding_mask", getattr(key_padding_mask, "dtype", key_padding_mask), "must be a bool tensor (True = real token)")
+            raise _err("key_padding_mask", getattr(key_padding_mask, "dtype", key_padding_mask),
+                       "must be a bool tensor (True = real token)")
         if tuple(key_padding_mask.shape) != (B, S):
             raise _err("key_padding_mask.shape", tuple(key_padding_mask.shape), f"must be (B, S) = ({B}, {S})")
-    if sliding_window is not None and (not isinstance(sliding_window, int) or isinstance(sliding_window, bool) or sliding_window < 1):
+    if sliding_window is not None and (
+        not isinstance(sliding_window, int) or isinstance(sliding_window, bool) or sliding_window < 1
+    ):
         raise _err("sliding_window", sliding_window, "must be None or an integer >= 1")
     if scale is not None and (not _is_number(scale) or not math.isfinite(scale) or scale <= 0):
         raise _err("scale", scale, "must be None or a finite number > 0")
@@ -378,8 +560,11 @@ def rotary_attention(
     hidden; `scale` defaults to D**-0.5; `softcap` caps logits as Gemma-2 does
     (softcap·tanh(logit/softcap), after scaling). A query that sees no real key gets 0.
 
-    Returns (B, H, T, Dv) in query.dtype. Memory beyond the inputs and output is O(S) per
-    query block; no T×S matrix is formed.
+    Returns (B, H, T, Dv) in query.dtype. No T×S matrix is formed: extra memory is a few
+    rotated copies of q and k plus O(block × S) per block (measured: 3× plain SDPA's peak
+    at 16k tokens). Soft-capping, non-CPU tensors and autograd (an input requiring grad
+    with grad mode on) take an exact eager path, slower; inference should run under
+    torch.no_grad() / torch.inference_mode().
     """
     offsets = _validate(query, key, value, method, inv_freq, attention_factor, layout, position_offset,
                         key_padding_mask, sliding_window, scale, softcap)
@@ -402,67 +587,75 @@ def rotary_attention(
     q_first = S - T
     key_pos = torch.arange(S, device=device, dtype=torch.int64)[None, :] + offsets[:, None]  # (B, S)
     query_pos = key_pos[:, q_first:]
-    row_scale = method.query_scale(query_pos)  # (B, T) float64 or None
+    # Positions below 0 are left padding; log-n of them would be NaN (log of a negative),
+    # and a NaN in a padded row poisons real rows of the next layer through 0·NaN.
+    row_scale = method.query_scale(query_pos.clamp(min=0))  # (B, T) float64 or None
+
+    if key_padding_mask is not None and bool(key_padding_mask.all()):
+        key_padding_mask = None
 
     # Near part: only keys within near_hi of some query are rotated (decoding: the last w).
     kn0 = 0 if near_hi is None else max(0, q_first - near_hi + 1)
     q_near = _rotate(query, query_pos, inv_freq, attention_factor, layout, dtype, row_scale)
     k_near = _rotate(key[:, :, kn0:], key_pos[:, kn0:], inv_freq, attention_factor, layout, dtype)
 
-    # Far part: rows with i ≥ w, keys j ≤ S-1-w (and within the sliding window).
+    # Far part: rows with i ≥ w (from tf0), keys j ≤ S-1-w (and within the sliding window).
     if has_far:
         tf0 = max(0, w - q_first)
         kf0 = 0 if sw is None else max(0, q_first + tf0 - sw + 1)
         kf1 = S - w
-        far_freq = inv_freq / rel.far_freq_divisor
-        far_kpos = rel.far_key_position(key_pos[:, kf0:kf1])
-        if not bool(far_kpos.any()):
-            # ReRoPE: every far key sits at position 0, i.e. is not rotated at all, so the
-            # cache is used as is and the key's attention factor moves onto the query.
-            k_far = key[:, :, kf0:kf1]
-            q_factor = attention_factor**2
-        else:
-            k_far = _rotate(key[:, :, kf0:kf1], far_kpos, far_freq, attention_factor, layout, dtype)
-            q_factor = attention_factor
-        far_qpos = rel.far_query_position(query_pos[:, tf0:])
-        q_far = _rotate(query[:, :, tf0:], far_qpos, far_freq, q_factor,
-                        layout, dtype, None if row_scale is None else row_scale[:, tf0:])
 
-    if key_padding_mask is not None and bool(key_padding_mask.all()):
-        key_padding_mask = None
+        def far_inputs():
+            far_freq = inv_freq / rel.far_freq_divisor
+            far_kpos = rel.far_key_position(key_pos[:, kf0:kf1])
+            if not bool(far_kpos.any()):
+                # ReRoPE: every far key sits at position 0, i.e. is not rotated at all, so
+                # the cache is used as is and the key's attention factor moves onto q.
+                k_far = key[:, :, kf0:kf1]
+                q_factor = attention_factor**2
+            else:
+                k_far = _rotate(key[:, :, kf0:kf1], far_kpos, far_freq, attention_factor, layout, dtype)
+                q_factor = attention_factor
+            far_qpos = rel.far_query_position(query_pos[:, tf0:])
+            q_far = _rotate(query[:, :, tf0:], far_qpos, far_freq, q_factor, layout, dtype,
+                            None if row_scale is None else row_scale[:, tf0:])
+            return q_far, k_far
 
-    if softcap is not None or device.type != "cpu":
-        return _eager(q_near, k_near, kn0, (q_far, k_far, kf0, tf0) if has_far else None, value, w, sw,
-                      key_padding_mask, scale, softcap)
+    recording = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    if recording:
+        _warn_slow_path()
+    if softcap is not None or device.type != "cpu" or recording:
+        # The flash kernel's lse carries no gradient, and the merge weights depend on it,
+        # so gradients need the eager path too.
+        far = (*far_inputs(), kf0, tf0) if has_far else None
+        return _eager(q_near, k_near, kn0, far, value, w, sw, key_padding_mask, scale, softcap)
 
     # The flash kernel needs one head size for q, k and v: pad the shorter side with zeros
     # (zeros add nothing to q·k, and padded value dims are cut off the output).
     width = max(D, Dv)
-    v_all = value
-    if Dv < width:
-        v_all = torch.nn.functional.pad(value, (0, width - Dv))
-    if D < width:
-        q_near, k_near = (torch.nn.functional.pad(t, (0, width - D)) for t in (q_near, k_near))
-        if has_far:
-            q_far, k_far = (torch.nn.functional.pad(t, (0, width - D)) for t in (q_far, k_far))
 
+    def fit(t):
+        return t if t.shape[-1] == width else torch.nn.functional.pad(t, (0, width - t.shape[-1]))
+
+    v_all = fit(value)
     pad_add = pad_cum = None
     if key_padding_mask is not None:
-        pad_add = torch.zeros(B, 1, 1, S, dtype=dtype, device=device).masked_fill_(~key_padding_mask[:, None, None, :], _NEG_INF)
+        pad_add = torch.zeros(B, 1, 1, S, dtype=dtype, device=device)
+        pad_add.masked_fill_(~key_padding_mask[:, None, None, :], _NEG_INF)
         pad_cum = torch.nn.functional.pad(key_padding_mask.to(torch.int64).cumsum(-1), (1, 0))
 
-    near_keys = _Keys(k_near, v_all[:, :, kn0:], kn0, pad_add, pad_cum)
-    out, lse = _attend_part(q_near, near_keys, q_first, 0, near_hi, scale)
-    if has_far and tf0 < T:
-        far_keys = _Keys(k_far, v_all[:, :, kf0:kf1], kf0, pad_add, pad_cum)
-        o_far, l_far = _attend_part(q_far, far_keys, q_first + tf0, w, sw, scale)
-        lse_tail = lse[:, :, tf0:]
-        _merge_into(out[:, :, tf0:], lse_tail, o_far, l_far)
-    else:
-        pass
-    if width != Dv:
-        out = out[..., :Dv]
-    return out
+    near_keys = _Keys(fit(k_near), v_all[:, :, kn0:], kn0, pad_add, pad_cum)
+    out, lse = _attend_part(fit(q_near), near_keys, q_first, 0, near_hi, scale)
+    # The near rotations are dead now; dropping them before the far ones are built keeps
+    # the peak at one rotated copy of q.
+    del q_near, k_near, near_keys
+    if has_far:
+        q_far, k_far = far_inputs()
+        far_keys = _Keys(fit(k_far), v_all[:, :, kf0:kf1], kf0, pad_add, pad_cum)
+        o_far, l_far = _attend_part(fit(q_far), far_keys, q_first + tf0, w, sw, scale)
+        del q_far, k_far, far_keys
+        _merge_into(out[:, :, tf0:], lse[:, :, tf0:], o_far, l_far)
+    return out if width == Dv else out[..., :Dv]
 
 
 # --------------------------------------------------------------------------------------
@@ -471,32 +664,33 @@ def rotary_attention(
 
 
 def _eager(q_near, k_near, kn0, far, value, w, sw, key_padding_mask, scale, softcap):
-    """Exact attention in query blocks with explicit logits (memory O(block · S · H))."""
+    """Exact attention in query blocks with explicit logits: memory O(block · S · H) per
+    block. Written without in-place ops so autograd can run through it (when it records,
+    the saved blocks add up to T × S: the price of gradients without a fused kernel)."""
     B, H, T, D = q_near.shape
     Hkv, S, Dv = value.shape[1], value.shape[2], value.shape[-1]
     g = H // Hkv
     device = q_near.device
     work = torch.float64 if q_near.dtype == torch.float64 else torch.float32
     q_first = S - T
-    out = torch.empty(B, T, H, Dv, dtype=q_near.dtype, device=device).transpose(1, 2)
     span = S if sw is None else min(S, sw)
     block = max(1, min(T, _EAGER_BUDGET // max(1, B * H * span)))
+    outs = []
     for t0 in range(0, T, block):
         t1 = min(T, t0 + block)
         rows = t1 - t0
         i0, i1 = q_first + t0, q_first + t1
         j0 = 0 if sw is None else max(0, i0 - sw + 1)
         j1 = i1  # keys j ≤ i
-        i = torch.arange(i0, i1, device=device)
-        j = torch.arange(j0, j1, device=device)
-        r = i[:, None] - j[None, :]  # (rows, nk)
-        logits = torch.full((B, Hkv, g, rows, j1 - j0), _NEG_INF, dtype=work, device=device)
+        r = torch.arange(i0, i1, device=device)[:, None] - torch.arange(j0, j1, device=device)[None, :]
 
+        # Near logits cover every (row, key) with r < w; far logits every one with r ≥ w
+        # that the sliding window keeps. Entries outside both are masked below.
         a = j0 if w is None else max(j0, i0 - w + 1)
         qb = q_near[:, :, t0:t1].reshape(B, Hkv, g * rows, D).to(work)
         kb = k_near[:, :, a - kn0 : j1 - kn0].to(work)
-        logits[..., a - j0 :] = (qb @ kb.transpose(-1, -2)).view(B, Hkv, g, rows, j1 - a)
-
+        logits = (qb @ kb.transpose(-1, -2)).view(B, Hkv, g, rows, j1 - a)
+        logits = torch.nn.functional.pad(logits, (a - j0, 0), value=_NEG_INF)
         if far is not None:
             q_far, k_far, kf0, tf0 = far
             s0 = max(t0, tf0)  # rows with far keys
@@ -505,22 +699,20 @@ def _eager(q_near, k_near, kn0, far, value, w, sw, key_padding_mask, scale, soft
                 qf = q_far[:, :, s0 - tf0 : t1 - tf0].reshape(B, Hkv, g * (t1 - s0), D).to(work)
                 kf = k_far[:, :, fa - kf0 : fb - kf0].to(work)
                 lf = (qf @ kf.transpose(-1, -2)).view(B, Hkv, g, t1 - s0, fb - fa)
-                region = logits[..., s0 - t0 :, fa - j0 : fb - j0]
-                is_far = r[s0 - t0 :, fa - j0 : fb - j0] >= w
-                region.copy_(torch.where(is_far, lf, region))
+                lf = torch.nn.functional.pad(lf, (fa - j0, j1 - fb, s0 - t0, 0), value=_NEG_INF)
+                logits = torch.where(r >= w, lf, logits)
 
-        logits.mul_(scale)
+        logits = logits * scale
         if softcap is not None:
-            logits.div_(softcap).tanh_().mul_(softcap)
+            logits = torch.tanh(logits / softcap) * softcap
         hide = r < 0
         if sw is not None:
             hide = hide | (r >= sw)
         hide = hide.expand(B, 1, 1, rows, j1 - j0)
         if key_padding_mask is not None:
             hide = hide | ~key_padding_mask[:, None, None, None, j0:j1]
-        logits.masked_fill_(hide, _NEG_INF)
-        probs = torch.softmax(logits, dim=-1).nan_to_num_(0.0)  # a row with no real key: 0
-        vb = value[:, :, j0:j1].to(work)
-        ob = probs.view(B, Hkv, g * rows, j1 - j0) @ vb
-        out[:, :, t0:t1].copy_(ob.view(B, H, rows, Dv))
-    return out
+        probs = torch.softmax(logits.masked_fill(hide, _NEG_INF), dim=-1)
+        probs = probs.nan_to_num(0.0)  # a row with no real key: all -inf, softmax NaN -> 0
+        ob = probs.view(B, Hkv, g * rows, j1 - j0) @ value[:, :, j0:j1].to(work)
+        outs.append(ob.view(B, H, rows, Dv).to(q_near.dtype))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
