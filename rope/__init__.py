@@ -20,7 +20,20 @@ from .spec import parse_method
 
 __version__ = "0.1.0"
 
+# The patching layer imports transformers; load it only when asked for, so the position
+# math stays importable (and fast to import) without it.
+_FROM_PATCHES = ("patch", "patched", "describe", "load_default_model", "supported_families", "PatchHandle")
+
+
+def __getattr__(name: str):
+    if name in _FROM_PATCHES:
+        from . import patches
+
+        return getattr(patches, name)
+    raise AttributeError(f"module 'ropelab' has no attribute {name!r}")
+
 __all__ = [
+    *_FROM_PATCHES,
     "Frequencies",
     "Method",
     "RelativeMap",

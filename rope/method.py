@@ -91,7 +91,9 @@ class Method:
         if not self.logn:
             return None
         length = self.required_train_length()
-        scale = torch.log(positions.to(torch.float64) + 1) / math.log(length)
+        # Positions below 0 occur for left padding; clamping keeps their (masked) rows finite,
+        # since a NaN there would reach real tokens through 0 × NaN in the next layer.
+        scale = torch.log((positions.to(torch.float64) + 1).clamp(min=1.0)) / math.log(length)
         return scale.clamp(min=1.0)
 
     # -- helpers -----------------------------------------------------------------------

@@ -143,3 +143,8 @@ def test_composition_leaky_over_ntk_uses_ntk_frequencies():
     assert yarn_inner.needs_train_length and not leaky.length_dependent
     dyn_inner = ropelab.get_method("rerope", window=64, frequency_method=ropelab.get_method("dynamic-ntk", scale=2))
     assert dyn_inner.length_dependent
+
+
+def test_logn_is_finite_for_padding_positions():
+    method = ropelab.get_method("rope", logn=True, train_length=16)
+    assert torch.equal(method.query_scale(torch.tensor([-5, -1, 0])), torch.ones(3, dtype=torch.float64))
