@@ -1,0 +1,172 @@
+"""What ropelab knows about each supported transformers family, and how to find the parts
+of a loaded model that a patch touches (shared/docs/design.md, "How a method gets into a
+model").
+
+Every supported family has a model-level `*RotaryEmbedding` module holding `inv_freq`
+(Gemma3: one `{layer_type}_inv_freq` per layer type, each from its own `rope_theta`) and
+attention modules of one known class. A family is matched by `config.model_type` and its
+attention class is looked up by exact name: if transformers renames it, `patch` finds none
+and raises instead of silently doing nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import transformers
+from packaging.version import Version
+from torch import nn
+
+# Mirrors `transformers>=5.23,<5.24` in pyproject.toml (tests/patches check they agree).
+TRANSFORMERS_MIN, TRANSFORMERS_BELOW = "5.23", "5.24"
+
+
+@dataclass(frozen=True)
+class Family:
+    attention_class: str  # exact class name of the attention modules
+    layout: str = "half"  # "half" (rotate_half) or "interleaved" (pairs 2i, 2i+1)
+    # True: the attention forward computes attention itself instead of dispatching through
+    # ALL_ATTENTION_FUNCTIONS, so the relative route replaces that forward (patches/falcon.py).
+    own_dispatch: bool = False
+
+
+FAMILIES: dict[str, Family] = {
+    "llama": Family("LlamaAttention"),
+    "mistral": Family("MistralAttention"),
+    "qwen2": Family("Qwen2Attention"),
+    "qwen3": Family("Qwen3Attention"),
+    "gemma": Family("GemmaAttention"),
+    "gemma2": Family("Gemma2Attention"),
+    "gemma3_text": Family("Gemma3Attention"),
+    "phi": Family("PhiAttention"),
+    "phi3": Family("Phi3Attention"),
+    "gpt_neox": Family("GPTNeoXAttention"),
+    "stablelm": Family("StableLmAttention"),
+    "olmo2": Family("Olmo2Attention"),
+    "cohere": Family("CohereAttention", layout="interleaved"),
+    "glm": Family("GlmAttention", layout="interleaved"),
+    "granite": Family("GraniteAttention"),
+    "falcon": Family("FalconAttention", own_dispatch=True),
+}
+
+
+# Sinusoidal-position decoders: frequency maps only, applied to the absolute table (patches/xglm.py).
+SINUSOIDAL_FAMILIES = ("xglm",)
+
+
+def supported_families() -> list[str]:
+    """The `config.model_type` values `patch` accepts, sorted."""
+    return sorted([*FAMILIES, *SINUSOIDAL_FAMILIES])
+
+
+def check_transformers_version(version: str | None = None) -> None:
+    version = version or transformers.__version__
+    v = Version(version)
+    if not (Version(TRANSFORMERS_MIN) <= v < Version(TRANSFORMERS_BELOW)):
+        raise RuntimeError(
+            f"transformers=={version}: ropelab.patches supports transformers>={TRANSFORMERS_MIN},"
+            f"<{TRANSFORMERS_BELOW} (the range its patches were measured on); install "
+            f"'transformers>={TRANSFORMERS_MIN},<{TRANSFORMERS_BELOW}'"
+        )
+
+
+def family_of(model: nn.Module) -> tuple[str, Family]:
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in FAMILIES:
+        raise NotImplementedError(
+            f"model_type={model_type!r} ({type(model).__name__}): not a supported family. "
+            f"supported: {', '.join(supported_families())}"
+        )
+    if model_type == "falcon" and getattr(config, "alibi", False):
+        raise NotImplementedError("model_type='falcon' with alibi=True: ALiBi models have no rotary embedding to patch")
+    return model_type, FAMILIES[model_type]
+
+
+@dataclass(frozen=True)
+class RotarySite:
+    """One set of rotary frequencies: a buffer of a rotary module and what it was built from."""
+
+    module: nn.Module
+    buffer: str  # "inv_freq" or "{layer_type}_inv_freq"
+    scaling_attr: str  # "attention_scaling" or "{layer_type}_attention_scaling"
+    layer_type: str | None  # None unless the rotary keeps one set per layer type (Gemma3)
+    base: float  # rope_theta
+    dim: int  # rotary dimension: head_dim × partial_rotary_factor
+    train_length: int  # original_max_position_embeddings, else max_position_embeddings
+    rope_type: str  # the model's own rope_type for this site (replaced by the method)
+
+
+def _rope_params(config, layer_type: str | None) -> dict:
+    params = getattr(config, "rope_parameters", None)
+    if not isinstance(params, dict):
+        raise NotImplementedError(f"config.rope_parameters={params!r}: expected a dict (transformers 5.x)")
+    if layer_type is not None:
+        params = params.get(layer_type)
+        if not isinstance(params, dict):
+            raise NotImplementedError(f"config.rope_parameters[{layer_type!r}]={params!r}: expected a dict")
+    return params
+
+
+def rotary_dim(config, params: dict) -> int:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    factor = params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) or 1.0
+    return int(head_dim * factor)
+
+
+def find_rotary_sites(model: nn.Module) -> list[RotarySite]:
+    """Every `*inv_freq` buffer of every `*RotaryEmbedding` module (skipping the
+    `original_inv_freq` copies dynamic RoPE keeps), with its base, dim and training length."""
+    sites = []
+    for module in model.modules():
+        if not type(module).__name__.endswith("RotaryEmbedding"):
+            continue
+        config = module.config
+        for name, buf in module.named_buffers(recurse=False):
+            if not name.endswith("inv_freq") or "original" in name:
+                continue
+            prefix = name[: -len("inv_freq")]
+            layer_type = prefix[:-1] if prefix else None
+            params = _rope_params(config, layer_type)
+            dim = rotary_dim(config, params)
+            if dim % 2 or buf.numel() != dim // 2:
+                raise NotImplementedError(
+                    f"{type(module).__name__}.{name}: has {buf.numel()} frequencies but the config gives rotary "
+                    f"dim {dim}; expected an even dim with dim/2 frequencies"
+                )
+            length = params.get("original_max_position_embeddings") or config.max_position_embeddings
+            sites.append(
+                RotarySite(module, name, prefix + "attention_scaling", layer_type, float(params["rope_theta"]),
+                           dim, int(length), params.get("rope_type", "default"))
+            )
+    if not sites:
+        raise NotImplementedError(
+            f"{type(model).__name__}: found no *RotaryEmbedding module with an inv_freq buffer; "
+            "this transformers version may have moved it"
+        )
+    return sites
+
+
+def find_attention_layers(model: nn.Module, family: Family) -> list[nn.Module]:
+    layers = [m for m in model.modules() if type(m).__name__ == family.attention_class]
+    if not layers:
+        raise NotImplementedError(
+            f"{type(model).__name__}: found no {family.attention_class} modules; "
+            "this transformers version may have renamed the attention class"
+        )
+    return layers
+
+
+def layer_type_of(model: nn.Module, attention: nn.Module) -> str | None:
+    """The layer type ("sliding_attention", ...) of an attention module, where the model has them."""
+    layer_types = getattr(getattr(attention, "config", model.config), "layer_types", None)
+    index = getattr(attention, "layer_idx", None)
+    if layer_types is None or index is None:
+        return None
+    return layer_types[index]
+
+
+def dtype_device(site: RotarySite) -> tuple[torch.dtype, torch.device]:
+    buf = getattr(site.module, site.buffer)
+    return buf.dtype, buf.device

@@ -1,0 +1,167 @@
+"""The attention function ropelab registers with transformers for methods that need the
+unrotated queries and keys: relative-position maps (ReRoPE, Leaky ReRoPE, SelfExtend),
+length-dependent frequencies (dynamic NTK) and log-n (shared/docs/design.md, "How a method
+gets into a model").
+
+The patch makes the rotary module return cos = 1, sin = 0, so the model's own
+`apply_rotary_pos_emb` is an exact identity and its KV cache holds keys *before* RoPE;
+RoPE is then applied here, per call, by `ropelab.attention.rotary_attention`. That is what
+makes cached decoding exact for dynamic NTK (transformers' own `dynamic` caches stale
+rotations, issue 25104).
+
+Two functions are registered under the one name `ropelab`:
+- `ropelab_attention` with `AttentionInterface` (the attention itself);
+- `padding_mask` with `AttentionMaskInterface`. Without a mask function registered under the
+  same name, transformers hands a custom attention `attention_mask=None` and padding is
+  silently ignored (measured). This one hands over the 2D padding mask (B, S), True = real
+  token; causality and sliding windows are applied by `rotary_attention` itself.
+
+What reaches the attention function in transformers 5.23 (measured on the 15 families that
+dispatch through it): `scaling`, `dropout`, `position_ids` (shape (1, T) when the model
+built them, (B, T) when given), `sliding_window` (Mistral, Qwen2/3, Phi3, Gemma2/3: None on
+full-attention layers), `softcap` (Gemma2/3), sometimes `use_cache`. The key positions are
+not passed; they follow from the query positions because the cache holds consecutive keys:
+key index 0 sits at position `position_ids[:, -1] - (S - 1)`.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..method import Method
+
+NAME = "ropelab"
+
+
+@dataclass
+class PositionState:
+    """Positions seen by the patched rotary module in the current forward (a fallback for
+    families whose attention does not forward `position_ids`)."""
+
+    position_ids: torch.Tensor | None = None
+
+
+@dataclass
+class Route:
+    """Everything the attention function needs for one attention module."""
+
+    method: Method
+    layout: str  # "half" or "interleaved"
+    dim: int  # rotary dimension
+    base: float  # rope_theta of this layer's rotary
+    inv_freq: torch.Tensor | None  # (dim/2,) float64; None for length-dependent methods
+    attention_factor: float
+    positions: PositionState
+    calls: int = 0
+    _by_length: dict = field(default_factory=dict)  # seq_len -> (inv_freq, factor), dynamic only
+
+    def frequencies(self, seq_len: int) -> tuple[torch.Tensor, float]:
+        if self.inv_freq is not None:
+            return self.inv_freq, self.attention_factor
+        if seq_len not in self._by_length:
+            if len(self._by_length) > 64:
+                self._by_length.clear()
+            freq = self.method.frequencies(self.dim, self.base, seq_len)
+            self._by_length[seq_len] = (freq.inv_freq, float(freq.attention_factor))
+        return self._by_length[seq_len]
+
+
+# attention module -> its route. Weak, so a deleted model leaves nothing behind.
+ROUTES: weakref.WeakKeyDictionary[nn.Module, Route] = weakref.WeakKeyDictionary()
+
+
+def padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+                 attention_mask=None, **kwargs):
+    """The 2D padding mask (B, kv_length) aligned with the keys, True = real; None if none is padded."""
+    if attention_mask is None:
+        return None
+    mask = attention_mask.to(torch.bool)[:, -kv_length:]
+    if mask.shape[-1] < kv_length:  # as transformers pads it: keys past the mask are not real
+        mask = torch.nn.functional.pad(mask, (0, kv_length - mask.shape[-1]), value=False)
+    return None if bool(mask.all()) else mask
+
+
+def ropelab_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                      sliding_window=None, softcap=None, position_ids=None, **kwargs):
+    """query (B,H,T,D), key/value (B,Hkv,S,D) before RoPE -> ((B,T,H,Dv), None)."""
+    from ..attention import rotary_attention  # the kernel (rope/attention.py)
+
+    route = ROUTES.get(module)
+    if route is None:
+        raise RuntimeError(
+            f"{type(module).__name__} (layer {getattr(module, 'layer_idx', '?')}): config._attn_implementation="
+            f"{NAME!r} but this module is not patched by ropelab (a copy of a patched model?). "
+            "Patch the model itself with ropelab.patches.patch"
+        )
+    if dropout and dropout > 0:
+        raise NotImplementedError(f"dropout={dropout}: the ropelab attention does not apply attention dropout; use model.eval()")
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise NotImplementedError(
+            f"attention_mask of shape {tuple(attention_mask.shape)}: a patched model takes the 2D padding mask (B, S) only"
+        )
+    batch, key_length = query.shape[0], key.shape[2]
+    if attention_mask is not None and attention_mask.shape[-1] != key_length:
+        raise NotImplementedError(
+            f"padding mask covers {attention_mask.shape[-1]} keys but the cache returned {key_length}: "
+            "static caches are not supported by the ropelab attention; use the default DynamicCache"
+        )
+    positions = position_ids if position_ids is not None else route.positions.position_ids
+    if positions is None:
+        raise RuntimeError(f"{type(module).__name__}: no position_ids reached the ropelab attention")
+    last = positions[:, -1].to(device=query.device, dtype=torch.long).expand(batch)  # (B,) position of the last query
+    offset = last - (key_length - 1)  # (B,) position of key index 0
+
+    def run(rows, seq_len):
+        inv_freq, factor = route.frequencies(seq_len)
+        pick = (lambda t: t) if rows is None else (lambda t: None if t is None else t[rows])
+        return rotary_attention(
+            pick(query), pick(key), pick(value), route.method, inv_freq,
+            attention_factor=factor, layout=route.layout, position_offset=pick(offset),
+            key_padding_mask=pick(attention_mask), sliding_window=sliding_window, scale=scaling, softcap=softcap,
+        )  # (B, H, T, Dv)
+
+    if route.inv_freq is not None:
+        out = run(None, 0)
+    else:  # frequencies follow each sequence's own current length (cache included)
+        lengths = last + 1
+        groups = torch.unique(lengths)
+        if len(groups) == 1:
+            out = run(None, int(groups[0]))
+        else:
+            out = query.new_empty(query.shape[:3] + value.shape[-1:])
+            for length in groups.tolist():
+                rows = (lengths == length).nonzero().flatten()
+                out[rows] = run(rows, int(length))
+    if attention_mask is not None:
+        # Padding queries sit at negative positions under left padding, where log-n's
+        # ln(p + 1) is NaN; their output is never used, but a NaN there would reach real
+        # rows of the next layer through 0 × NaN in its value product. Zero them.
+        out = out.masked_fill(~attention_mask[:, None, -query.shape[2]:, None], 0.0)
+    route.calls += 1
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register() -> None:
+    """Register the attention and mask functions under NAME (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(NAME, ropelab_attention)
+    AttentionMaskInterface.register(NAME, padding_mask)
+
+
+def identity_rotary_forward(original, positions: PositionState):
+    """A rotary forward that records the positions and returns cos = 1, sin = 0 of the
+    original's shape and dtype, so `apply_rotary_pos_emb` leaves q and k unrotated."""
+
+    def forward(*args, **kwargs):
+        ids = kwargs.get("position_ids", args[1] if len(args) > 1 else None)
+        positions.position_ids = ids
+        cos, sin = original(*args, **kwargs)
+        return torch.ones_like(cos), torch.zeros_like(sin)
+
+    return forward
