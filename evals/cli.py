@@ -1,0 +1,304 @@
+"""The `ropelab` command (also `python -m ropelab.evals`).
+
+    ropelab methods                                   the family, with parameters
+    ropelab info                                      versions, default models, optional parts
+    ropelab eval --methods rope,ntk:scale=2 --lengths 4k,16k --out runs/demo
+    ropelab sweep-default --out runs/default          the main job (see sweep.py)
+    ropelab passkey --methods rope,rerope:window=4k --lengths 4k,8k,16k --out runs/pk
+    ropelab plot runs/demo                            figures and report.md from the files
+    ropelab lm-eval --method ntk:scale=2 --tasks ropelab_passkey --limit 4
+
+Exit codes: 0 ok; 1 a runtime failure (including jobs recorded as failed); 2 bad input
+(reported in one line, no traceback; set ROPELAB_DEBUG=1 for the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import traceback
+
+import ropelab
+from ropelab.spec import parse_int_with_suffix
+
+
+class BadInput(ValueError):
+    """An input error found before any work started (exit code 2)."""
+
+
+def split_methods(text: str) -> list[str]:
+    """'rope,ntk:scale=2,logn=true,rerope:window=4k' -> ['rope', 'ntk:scale=2,logn=true', 'rerope:window=4k'].
+
+    A comma-separated item with '=' but no ':' continues the previous method's parameters.
+    """
+    items, depth, current = [], 0, ""
+    for char in text + ",":
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            if current.strip():
+                items.append(current.strip())
+            current = ""
+        else:
+            current += char
+    methods: list[str] = []
+    for item in items:
+        if "=" in item and ":" not in item.split("=", 1)[0] and methods:
+            methods[-1] += "," + item
+        else:
+            methods.append(item)
+    return methods
+
+
+def parse_methods(texts: list[str]) -> list[str]:
+    specs = [m for text in texts for m in split_methods(text)]
+    for spec in specs:
+        try:
+            ropelab.parse_method(spec)
+        except (ValueError, TypeError) as exc:
+            raise BadInput(f"--methods {spec!r}: {exc}") from None
+    if not specs:
+        raise BadInput("--methods: give at least one method (see `ropelab methods`)")
+    return specs
+
+
+def parse_lengths(text: str, flag: str = "--lengths") -> list[int]:
+    try:
+        lengths = [parse_int_with_suffix(t) for t in text.split(",") if t.strip()]
+    except ValueError as exc:
+        raise BadInput(f"{flag} {text!r}: {exc}") from None
+    if not lengths or min(lengths) < 2:
+        raise BadInput(f"{flag} {text!r}: give lengths >= 2, like 4k,8k,16k")
+    return lengths
+
+
+def parse_floats(text: str, flag: str) -> list[float]:
+    try:
+        return [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise BadInput(f"{flag} {text!r}: expected numbers like 0.1,0.5,0.9") from None
+
+
+def _load(args):
+    from .models import load_model
+
+    print(f"loading model {args.model!r} ...", file=sys.stderr)
+    return load_model(args.model)
+
+
+def _finish(out, records) -> int:
+    from .plots import plot_run
+    from .report import write_report
+
+    plot_run(out)
+    report = write_report(out)
+    print(f"results: {out}  report: {report}", file=sys.stderr)
+    failed = [r for r in records if r.get("status") == "error"]
+    if failed:
+        print(f"{len(failed)} of {len(records)} jobs failed (errors recorded in {out}); first: "
+              f"{failed[0]['method']}: {failed[0]['error'][:200]}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_methods(args) -> int:
+    for name in ropelab.methods():
+        cls = ropelab.method_class(name)
+        doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
+        fields = [f.name for f in dataclasses.fields(cls) if f.name not in ("train_length",)]
+        flag = " [length-dependent]" if isinstance(cls.length_dependent, bool) and cls.length_dependent else ""
+        print(f"{name:14s} {', '.join(fields)}{flag}\n{'':14s} {doc}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .models import environment
+
+    info = {"environment": environment(), "default_models": {}, "patches": None, "lm_eval": None}
+    try:
+        from ropelab.patches import default_models, supported_families
+        from ropelab.patches.loading import gguf_path
+
+        info["patches"] = {"families": supported_families()}
+        for name in default_models():
+            try:
+                info["default_models"][name] = str(gguf_path(name)) if name == "smollm2-135m" else "installed"
+            except Exception as exc:
+                info["default_models"][name] = f"missing: {exc}"
+    except ImportError as exc:
+        info["patches"] = f"not available: {exc}"
+    try:
+        import lm_eval
+
+        info["lm_eval"] = lm_eval.__version__
+    except ImportError:
+        info["lm_eval"] = "not installed (pip install 'ropelab[lmeval]')"
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .perplexity import Protocol, perplexity
+
+    methods = parse_methods(args.methods or ["rope"])
+    lengths = parse_lengths(args.lengths)
+    window = parse_lengths(args.window, "--window")[0] if args.window else max(lengths)
+    protocol = Protocol(args.protocol, window=window, targets=args.targets, stride=args.stride,
+                        data=args.data, short=args.short)
+    protocol.check_lengths(lengths)
+    model, tokenizer, model_id = _load(args)
+    records = perplexity(model, tokenizer, args.data, methods, lengths, protocol=protocol,
+                         num_documents=args.documents, out=args.out, model_id=model_id, chunk=args.chunk,
+                         progress=not args.quiet)
+    return _finish(args.out, records)
+
+
+def cmd_sweep_default(args) -> int:
+    from .sweep import run_default_sweep
+
+    lengths = parse_lengths(args.lengths)
+    methods = parse_methods(args.methods) if args.methods else None
+    return _finish(args.out, run_default_sweep(args.out, model=args.model, lengths=lengths, methods=methods,
+                                               targets=args.targets, progress=not args.quiet))
+
+
+def cmd_passkey(args) -> int:
+    from .passkey import passkey
+
+    methods = parse_methods(args.methods or ["rope"])
+    lengths = parse_lengths(args.lengths)
+    depths = parse_floats(args.depths, "--depths")
+    model, tokenizer, model_id = _load(args)
+    records = passkey(model, tokenizer, methods, lengths, depths, args.trials, seed=args.seed, out=args.out,
+                      model_id=model_id, progress=not args.quiet)
+    return _finish(args.out, records)
+
+
+def cmd_plot(args) -> int:
+    from .plots import plot_run
+    from .report import write_report
+
+    if not os.path.isdir(args.run):
+        raise BadInput(f"run={args.run!r}: not a directory")
+    paths = plot_run(args.run)
+    report = write_report(args.run)
+    if report is None:
+        raise BadInput(f"run={args.run!r}: no results.jsonl or passkey.jsonl in it")
+    for p in [*paths, report]:
+        print(p)
+    return 0
+
+
+def cmd_lm_eval(args) -> int:
+    from .lmeval import PASSKEY_TASK, require_lm_eval, run_lm_eval, write_passkey_task
+
+    require_lm_eval()
+    method = parse_methods([args.method])[0]
+    tasks = [t for t in args.tasks.split(",") if t.strip()]
+    model, tokenizer, model_id = _load(args)
+    include = args.include_path
+    if PASSKEY_TASK in tasks and include is None:
+        include = write_passkey_task(os.path.join(args.out, "tasks"), tokenizer,
+                                     parse_lengths(args.passkey_lengths, "--passkey-lengths"))
+    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit  # < 1: a fraction
+    result = run_lm_eval(model, tokenizer, tasks, method=method, include_path=include, limit=limit,
+                         max_length=args.max_length)
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "lm_eval.json")
+    with open(path, "w") as f:
+        json.dump({"model": model_id, "method": method, "limit": args.limit, "results": result["results"]},
+                  f, indent=2, default=str)
+    print(json.dumps(result["results"], indent=2, default=str))
+    print(f"written: {path}", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ropelab", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="Exit codes: 0 ok, 1 runtime failure, 2 bad input.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name, func, help_text):
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(func=func)
+        return p
+
+    def common(p, methods=True, out_default=None):
+        p.add_argument("--model", default="default",
+                       help="'default' (smollm2-135m), 'gemma3-270m', or a local save_pretrained folder")
+        if methods:
+            p.add_argument("--methods", action="append",
+                           help="comma-separated specs name:key=value,... (repeatable; default rope); "
+                           "see `ropelab methods`")
+        p.add_argument("--out", default=out_default, required=out_default is None, help="run directory (resumable)")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    add("methods", cmd_methods, "list the position methods and their parameters")
+    add("info", cmd_info, "versions, default models and optional components")
+
+    p = add("eval", cmd_eval, "perplexity versus context length (resumable JSONL, plots, report)")
+    common(p)
+    p.add_argument("--data", default="stdlib", help="'stdlib', a text file, a folder, or hf:NAME[:CONFIG[:SPLIT]]")
+    p.add_argument("--lengths", default="2k,4k,8k", help="context lengths N, e.g. 4k,8k,16k")
+    p.add_argument("--protocol", default="fixed-target", choices=["fixed-target", "position", "sliding"])
+    p.add_argument("--targets", type=int, default=1024, help="K: scored tokens under fixed-target")
+    p.add_argument("--stride", type=int, default=512, help="window stride under sliding")
+    p.add_argument("--documents", type=int, default=1, help="number of documents")
+    p.add_argument("--window", default=None, help="tokens per document W (default: the largest length; "
+                   "give more for --protocol sliding)")
+    p.add_argument("--short", default="skip", choices=["skip", "concatenate"],
+                   help="documents shorter than the largest length: skip them or join consecutive ones")
+    p.add_argument("--chunk", type=int, default=1024, help="LM-head rows per chunk (memory only)")
+
+    p = add("sweep-default", cmd_sweep_default,
+            "the main job: SmolLM2-135M on stdlib, 7 methods at 2x training length, plot and table (~13 min)")
+    common(p, out_default="runs/default")
+    p.add_argument("--lengths", default="4k,16k", help="context lengths (budget: see ropelab.evals.sweep)")
+    p.add_argument("--targets", type=int, default=2048, help="K: the fixed scored tokens")
+
+    p = add("passkey", cmd_passkey, "passkey retrieval accuracy by length and depth (greedy)")
+    common(p)
+    p.add_argument("--lengths", default="1k,2k,4k")
+    p.add_argument("--depths", default="0.1,0.5,0.9", help="fractions of the filler before the key")
+    p.add_argument("--trials", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = add("plot", cmd_plot, "draw figures (PNG, SVG) and report.md from a run directory's files")
+    p.add_argument("run", help="run directory")
+
+    p = add("lm-eval", cmd_lm_eval, "run lm-evaluation-harness tasks on a patched model (needs ropelab[lmeval])")
+    common(p, methods=False, out_default="runs/lm-eval")
+    p.add_argument("--method", default="rope", help="one method spec")
+    p.add_argument("--tasks", default="ropelab_passkey", help="comma-separated lm-eval task names")
+    p.add_argument("--include-path", default=None, help="folder of local task YAMLs")
+    p.add_argument("--limit", type=float, default=None, help="examples per task (for quick checks)")
+    p.add_argument("--max-length", type=int, default=None, help="HFLM max_length")
+    p.add_argument("--passkey-lengths", default="1k,2k", help="lengths of the generated passkey task")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except (BadInput, ValueError) as exc:
+        if os.environ.get("ROPELAB_DEBUG"):
+            traceback.print_exc()
+        print(f"ropelab {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # runtime failure: one line unless debugging
+        if os.environ.get("ROPELAB_DEBUG"):
+            traceback.print_exc()
+        print(f"ropelab {args.command}: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""Evaluation corpora: where documents come from and how a requested length is met.
+
+Sources (the `--data` text):
+- `stdlib` (default): the Python standard library's own `.py` files, found on every machine
+  with Python (shared/docs/design.md, "The embedded default"). Test and data directories
+  are left out; order is the sorted relative path, so the selection is deterministic for a
+  given Python version (the version is recorded with the protocol, and every document id
+  carries a hash of its text).
+- a text file: one document;
+- a folder: every UTF-8 file under it (recursive, sorted), one document each;
+- `hf:NAME[:CONFIG[:SPLIT]]`: a HuggingFace dataset's `text` column, when reachable.
+
+Documents shorter than the requested length follow an explicit policy, recorded with
+the results: `skip` drops them; `concatenate` joins consecutive documents (separated by a
+blank line) until the length is met, so one "document" may span several files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+SHORT_POLICIES = ("skip", "concatenate")
+_STDLIB_EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__", "data", "lib2to3", "turtledemo"}
+
+
+@dataclass(frozen=True)
+class Document:
+    id: str  # stable name plus a hash of the text: a changed text never reuses old results
+    text: str
+
+
+@dataclass(frozen=True)
+class TokenizedDocument:
+    id: str
+    ids: list[int]  # token ids, exactly `length` of them after select_documents
+
+
+def _doc(name: str, text: str) -> Document:
+    return Document(f"{name}#{hashlib.sha256(text.encode()).hexdigest()[:12]}", text)
+
+
+def stdlib_files() -> list[Path]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = [
+        f
+        for f in root.rglob("*.py")
+        if not _STDLIB_EXCLUDED_DIRS.intersection(f.relative_to(root).parts[:-1])
+    ]
+    return sorted(files, key=lambda f: f.relative_to(root).as_posix())
+
+
+def iter_documents(source: str):
+    """Yield `Document`s from a source text (see the module docstring), lazily, in a fixed order."""
+    if source == "stdlib":
+        root = Path(sysconfig.get_paths()["stdlib"])
+        for f in stdlib_files():
+            yield _doc(f"stdlib/{f.relative_to(root).as_posix()}", f.read_text(encoding="utf-8", errors="replace"))
+        return
+    if source.startswith("hf:"):
+        yield from _hf_documents(source)
+        return
+    path = Path(source)
+    if path.is_file():
+        yield _doc(path.name, path.read_text(encoding="utf-8"))
+    elif path.is_dir():
+        for f in sorted(p for p in path.rglob("*") if p.is_file()):
+            try:
+                text = f.read_text(encoding="utf-8")
+            except UnicodeDecodeError:
+                continue  # binary files in a folder are not documents
+            yield _doc(f.relative_to(path).as_posix(), text)
+    else:
+        raise ValueError(
+            f"data={source!r}: not 'stdlib', an existing file or folder, or 'hf:NAME[:CONFIG[:SPLIT]]'"
+        )
+
+
+def _hf_documents(source: str):
+    parts = source[3:].split(":")
+    name, config, split = parts[0], (parts[1] if len(parts) > 1 else None) or None, parts[2] if len(parts) > 2 else "test"
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError(f"data={source!r}: HuggingFace datasets need `pip install datasets`") from None
+    try:
+        ds = datasets.load_dataset(name, config, split=split)
+    except Exception as exc:  # offline, unknown name, bad split: all the same to the user
+        raise ValueError(
+            f"data={source!r}: could not load the dataset ({type(exc).__name__}: {str(exc)[:200]}); "
+            "offline machines can use 'stdlib', a text file or a folder"
+        ) from None
+    if "text" not in ds.column_names:
+        raise ValueError(f"data={source!r}: no 'text' column (columns: {', '.join(ds.column_names)})")
+    for index, row in enumerate(ds):
+        if row["text"].strip():
+            yield _doc(f"{name}/{split}/{index}", row["text"])
+
+
+def select_documents(source: str, tokenizer, length: int, count: int, short: str = "skip") -> list[TokenizedDocument]:
+    """The first `count` documents of `source` with at least `length` tokens, cut to `length`.
+
+    `short` is the policy for shorter documents: `skip` or `concatenate` (module docstring).
+    Raises ValueError when the source cannot supply `count` documents.
+    """
+    if short not in SHORT_POLICIES:
+        raise ValueError(f"short={short!r}: must be one of {', '.join(SHORT_POLICIES)}")
+    if length < 2 or count < 1:
+        raise ValueError(f"length={length}, count={count}: need length >= 2 and count >= 1")
+    chosen: list[TokenizedDocument] = []
+    pending_ids: list[int] = []
+    pending_names: list[str] = []
+    for doc in iter_documents(source):
+        if short == "skip" and len(doc.text) < length:
+            continue  # a token is at least one character: surely too short, skip tokenizing
+        ids = tokenizer(doc.text, add_special_tokens=False)["input_ids"]
+        if short == "skip":
+            if len(ids) >= length:
+                chosen.append(TokenizedDocument(doc.id, ids[:length]))
+        else:
+            sep = tokenizer("\n\n", add_special_tokens=False)["input_ids"] if pending_ids else []
+            pending_ids += sep + ids
+            pending_names.append(doc.id)
+            if len(pending_ids) >= length:
+                name = pending_names[0] if len(pending_names) == 1 else f"{pending_names[0]}+{len(pending_names) - 1}"
+                chosen.append(TokenizedDocument(name, pending_ids[:length]))
+                pending_ids, pending_names = [], []
+        if len(chosen) == count:
+            return chosen
+    raise ValueError(
+        f"data={source!r}: only {len(chosen)} of {count} documents reach {length} tokens under "
+        f"short={short!r}; use fewer documents, shorter lengths, or short='concatenate'"
+    )

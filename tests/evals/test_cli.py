@@ -1,0 +1,62 @@
+"""The `ropelab` command end to end at small sizes, on a tiny model saved with save_pretrained."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from ropelab.evals.cli import main, split_methods
+
+
+def test_split_methods():
+    assert split_methods("rope,ntk:scale=2,logn=true,rerope:window=4k") == [
+        "rope", "ntk:scale=2,logn=true", "rerope:window=4k"]
+    assert split_methods("leaky-rerope:window=8,frequency_method=ntk(scale=2,logn=false),rope") == [
+        "leaky-rerope:window=8,frequency_method=ntk(scale=2,logn=false)", "rope"]
+
+
+def test_eval_end_to_end_then_resume_then_plot(model_dir, text_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["eval", "--model", str(model_dir), "--data", str(text_dir), "--methods", "rope",
+            "--lengths", "32,64", "--targets", "16", "--documents", "2", "--short", "concatenate",
+            "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    lines = (out / "results.jsonl").read_text().splitlines()
+    protocol = json.loads(lines[0])
+    assert protocol["name"] == "fixed-target" and protocol["short"] == "concatenate" and protocol["targets"] == 16
+    assert len(lines) == 1 + 2 * 2
+    for name in ("loss_vs_context.png", "loss_vs_context.svg", "per_position.png", "report.md"):
+        assert (out / name).is_file()
+    assert main(argv) == 0  # resumed: nothing new
+    assert len((out / "results.jsonl").read_text().splitlines()) == len(lines)
+    assert main(["plot", str(out)]) == 0
+    assert "| `rope` |" in (out / "report.md").read_text()
+
+
+def test_exit_codes_and_one_line_errors(model_dir, tmp_path, capsys):
+    assert main(["eval", "--model", str(model_dir), "--methods", "ntk:scale=0.5", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "scale=0.5" in err and "Traceback" not in err
+    assert main(["eval", "--model", str(model_dir), "--lengths", "4q", "--out", str(tmp_path)]) == 2
+    assert main(["eval", "--model", "/no/such/model", "--out", str(tmp_path)]) == 2
+    assert "model='/no/such/model'" in capsys.readouterr().err
+    assert main(["plot", str(tmp_path / "missing")]) == 2
+
+
+def test_failed_jobs_give_exit_code_1(model_dir, text_dir, tmp_path, capsys):
+    # A method the (possibly absent) patcher cannot apply to this model is recorded, and the
+    # command still writes its report, then exits 1.
+    out = tmp_path / "run"
+    rc = main(["eval", "--model", str(model_dir), "--data", str(text_dir), "--methods", "rope,rerope:window=8",
+               "--lengths", "32", "--targets", "8", "--out", str(out), "--quiet"])
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()[1:]]
+    assert rc == (1 if any(r["status"] == "error" for r in records) else 0)
+    assert (out / "report.md").is_file()
+
+
+def test_python_m_and_help():
+    result = subprocess.run([sys.executable, "-m", "ropelab.evals", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "sweep-default" in result.stdout and "Exit codes" in result.stdout
+    result = subprocess.run([sys.executable, "-m", "ropelab.evals", "methods"], capture_output=True, text=True)
+    assert result.returncode == 0 and "leaky-rerope" in result.stdout
