@@ -19,8 +19,24 @@ import ropelab
 DEFAULT_MODELS = ("smollm2-135m", "gemma3-270m")
 
 
-def load_model(name: str):
-    """(model, tokenizer, model_id) for `default`, an embedded default's name, or a local path."""
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def load_model(name: str, dtype: str = "float32"):
+    """(model, tokenizer, model_id) for `default`, an embedded default's name, or a local path.
+
+    `dtype` is 'float32' (exact; the default) or 'bfloat16' (about 20% faster on this
+    machine's CPU, losses within ~0.003 nats of float32 on SmolLM2 at 16k). A non-float32
+    dtype is part of the model id (`smollm2-135m@bfloat16`), hence of every job key, so
+    results of different precisions never mix in one file.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}: must be one of {', '.join(DTYPES)}")
+    model, tokenizer, model_id = _load(name, DTYPES[dtype])
+    return model, tokenizer, model_id if dtype == "float32" else f"{model_id}@{dtype}"
+
+
+def _load(name: str, dtype: torch.dtype):
     if name == "default":
         name = DEFAULT_MODELS[0]
     if name in DEFAULT_MODELS:
@@ -30,12 +46,12 @@ def load_model(name: str):
             raise RuntimeError(
                 f"model={name!r}: ropelab.patches.load_default_model is not available in this install"
             ) from None
-        model, tokenizer = load_default_model(name)
+        model, tokenizer = load_default_model(name, dtype=dtype)
         model_id = name
     elif os.path.isdir(name):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(name)
         model_id = os.path.basename(os.path.abspath(name))
     else:

@@ -20,15 +20,29 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
-def _perplexity_section(protocol: dict, records: list[dict]) -> list[str]:
+def loss_table(protocol: dict, records: list[dict]) -> list[str]:
+    """The methods × lengths table (markdown lines): the headline of a run."""
     rows = summary.table(protocol, records)
     lengths = summary.lengths_in(records)
+    body = [[f"`{m}`"] + [f"{row[n]:.3f} ({math.exp(row[n]):.1f})" if n in row else "–" for n in lengths]
+            for m, row in rows.items()]
+    return _table(["method"] + [_k(n) for n in lengths], body)
+
+
+def print_loss_table(run_dir) -> None:
+    """Print the loss table of `run_dir` (nothing if it has no perplexity results)."""
+    protocol, records = summary.load(Path(run_dir))
+    if protocol is not None and records:
+        print(f"Loss versus context, {protocol['name']} protocol (nats; perplexity in brackets), "
+              f"training length {protocol.get('train_length')}:")
+        print("\n".join(loss_table(protocol, records)))
+
+
+def _perplexity_section(protocol: dict, records: list[dict]) -> list[str]:
     lines = [f"## Loss versus context ({protocol['name']} protocol)", "",
              f"Mean next-token loss in nats (perplexity in brackets), token-weighted over "
              f"{len({r['document'] for r in records})} document(s). Training length: {protocol.get('train_length')}.", ""]
-    body = [[f"`{m}`"] + [f"{row[n]:.3f} ({math.exp(row[n]):.1f})" if n in row else "–" for n in lengths]
-            for m, row in rows.items()]
-    lines += _table(["method"] + [_k(n) for n in lengths], body) + [""]
+    lines += loss_table(protocol, records) + [""]
     curves = summary.position_curves(records)
     if curves:
         size = 2 ** int(math.log2(max(1.0, max(len(c) for c in curves.values()) / 6)))  # 2k buckets at 16k

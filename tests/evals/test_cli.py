@@ -45,14 +45,29 @@ def test_exit_codes_and_one_line_errors(model_dir, tmp_path, capsys):
 
 
 def test_failed_jobs_give_exit_code_1(model_dir, text_dir, tmp_path, capsys):
-    # A method the (possibly absent) patcher cannot apply to this model is recorded, and the
-    # command still writes its report, then exits 1.
+    # `sinusoidal` cannot be patched into a RoPE model: recorded as failed, the sweep goes on,
+    # the report is still written, and the command exits 1.
     out = tmp_path / "run"
-    rc = main(["eval", "--model", str(model_dir), "--data", str(text_dir), "--methods", "rope,rerope:window=8",
+    rc = main(["eval", "--model", str(model_dir), "--data", str(text_dir), "--methods", "rope,sinusoidal",
                "--lengths", "32", "--targets", "8", "--out", str(out), "--quiet"])
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()[1:]]
-    assert rc == (1 if any(r["status"] == "error" for r in records) else 0)
+    assert rc == 1
+    assert [r["status"] for r in records] == ["ok", "error"] and records[1]["method"] == "sinusoidal"
     assert (out / "report.md").is_file()
+
+
+def test_sweep_default_wiring_prints_the_table(model_dir, tmp_path, capsys):
+    """The main job's command at toy lengths: seven methods, bf16 by default, plot and table."""
+    out = tmp_path / "main"
+    rc = main(["sweep-default", "--model", str(model_dir), "--lengths", "48,96", "--targets", "16",
+               "--out", str(out), "--quiet"])
+    printed = capsys.readouterr().out
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert rc == 0, records
+    assert records[0]["model"].endswith("@bfloat16")
+    assert len({r["method"] for r in records[1:]}) == 7 and all(r["status"] == "ok" for r in records[1:])
+    assert "| `rope` |" in printed and "| `leaky-rerope:" in printed
+    assert (out / "loss_vs_context.png").is_file()
 
 
 def test_python_m_and_help():

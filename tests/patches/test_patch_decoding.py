@@ -114,3 +114,35 @@ def test_sliding_layers_keep_their_window(spec):
             diff = (logits(model, ids)[0, -1] - logits(model, changed)[0, -1]).abs().max()
         assert (diff > 1e-4) == must_see, (family, spec, float(diff))
     assert 2 * (WINDOW - 1) < 47
+
+
+def _cached_step_logits(model, ids, start):
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        steps = [model(ids[:, :start], past_key_values=cache, use_cache=True).logits[:, -1:]]
+        for t in range(start, ids.shape[1] - 1):
+            steps.append(model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
+    return torch.cat(steps, dim=1)
+
+
+def test_dynamic_ntk_cache_is_exact_where_transformers_own_is_not():
+    """One layer, where exactness is well defined (module docstring): ropelab's cached
+    decoding equals recomputation, transformers' own `dynamic` does not (it keeps keys
+    rotated at the length they were cached at; transformers issue 25104)."""
+    from tiny_models import rebuild_like, rope_parameters
+
+    model = build("llama", num_hidden_layers=1, layer_types=None)
+    ids, start = tokens(48), 28
+    native = rebuild_like(
+        model, num_hidden_layers=1, layer_types=None,
+        rope_parameters=rope_parameters("llama", rope_type="dynamic", factor=2.0),
+    )
+
+    def gap(net):
+        cached = _cached_step_logits(net, ids, start)
+        return float((cached - _reference_step_logits(net, ids, start - 1, True)[:, : cached.shape[1]]).abs().max())
+
+    native_gap = gap(native)
+    with P.patched(model, "dynamic-ntk:scale=2"):
+        ours_gap = gap(model)
+    assert ours_gap <= ATOL and native_gap > 1e-2, (ours_gap, native_gap)

@@ -236,3 +236,13 @@ def test_attention_dispatch_that_does_not_switch_is_caught(monkeypatch):
     with pytest.raises(RuntimeError, match=r"layers \[0, 1\] did not go through the ropelab attention"):
         P.patch(model, "dynamic-ntk", scale=2)
     assert_untouched(model, before)
+
+
+@pytest.mark.parametrize("spec", ["ntk:scale=2", "yarn:scale=2", "rerope:window=8"])
+def test_patch_works_in_bfloat16(spec):
+    """The probe check allows the model dtype's rounding (a bf16 model was refused before)."""
+    model = build("llama").to(torch.bfloat16)
+    ids = tokens(40)
+    with P.patched(model, spec) as handle:
+        out = logits(model, ids)
+        assert handle.active and torch.isfinite(out).all()

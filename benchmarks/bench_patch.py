@@ -1,0 +1,190 @@
+"""Patched versus unpatched SmolLM2-135M, side by side in one run: prefill time and peak
+memory at 4k, 8k, 16k tokens, and decode latency per token against an 8k cache
+(issue 3's targets: frequency-only methods ≤ 1.03× time and ≤ 1.02× memory; rerope,
+leaky-rerope, self-extend ≤ 1.6× time and ≤ 1.25× memory at 16k, decode ≤ 2×).
+
+    python benchmarks/bench_patch.py                         # the full table (~20 min on 2 cores)
+    python benchmarks/bench_patch.py --lengths 4096 --skip-decode
+
+What is measured: the decoder forward that the harness runs (`model.model(input_ids)`, final
+hidden states; the LM head is applied in chunks by the harness and is the same for every
+method), float32, under `torch.inference_mode()`.
+
+Peak memory: every (length, method) case runs in a fresh subprocess that loads the model
+(from a float32 state dict saved once, so loading takes seconds), warms up on 64 tokens,
+and samples its resident set every 2 ms during the forward; the peak minus the resident
+set at the start is the extra memory the forward needed (activations, attention
+workspace, the kernel's tables). Large tensors are mmap-backed and returned to the OS on
+free, so the resident set follows what is alive.
+
+Time: the same subprocess times that forward (one run: at these sizes a forward takes
+10-100 s, far above timer noise; cases of one length run back to back, methods interleaved,
+so load drift hits all methods alike). Decode: prefill 8k with a DynamicCache, then the
+median of 16 single-token steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+METHODS = ["none", "ntk:scale=2", "yarn:scale=2", "rerope:window=4096", "leaky-rerope:window=2048,scale=16",
+           "self-extend:window=1024,group=8"]
+TARGETS = {"frequencies": (1.03, 1.02), "attention": (1.6, 1.25)}
+
+
+def _current_rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class PeakRSS:
+    """Samples the resident set every 2 ms while in the block; `.extra_mb` = peak - start.
+
+    The process high-water mark (ru_maxrss) cannot be used here: loading the model peaks
+    higher than a forward at short lengths, hiding it. Torch ops release the GIL, so the
+    sampler runs during them; tensors live for many milliseconds at these sizes.
+    """
+
+    def __enter__(self):
+        self.start = self.peak = _current_rss_mb()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, _current_rss_mb())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _current_rss_mb())
+        self.extra_mb = self.peak - self.start
+
+
+def _load(model_dir: str, method: str):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import ropelab
+
+    torch.manual_seed(0)
+    config = AutoConfig.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    model.load_state_dict(torch.load(f"{model_dir}/weights.pt", mmap=True), assign=True)
+    handle = None if method == "none" else ropelab.patch(model, method)
+    return model, handle
+
+
+def _case(model_dir: str, method: str, length: int, decode: bool) -> dict:
+    import torch
+
+    model, handle = _load(model_dir, method)
+    ids = torch.randint(0, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        model.model(ids[:, :64])  # warm-up: kernels, tables, lazy init
+        if decode:
+            from transformers import DynamicCache
+
+            cache = DynamicCache(config=model.config)
+            model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            step, times = ids[:, -1:], []
+            for _ in range(16):
+                start = time.perf_counter()
+                model(step, past_key_values=cache, use_cache=True)
+                times.append(time.perf_counter() - start)
+            times.sort()
+            return {"decode_ms": 1000 * times[len(times) // 2]}
+        with PeakRSS() as rss:
+            start = time.perf_counter()
+            model.model(ids)
+            seconds = time.perf_counter() - start
+    return {"seconds": seconds, "peak_mb": rss.extra_mb, "route": None if handle is None else handle.route}
+
+
+def _run_case(model_dir, method, length, decode) -> dict:
+    args = [sys.executable, __file__, "--case", model_dir, method, str(length), str(int(decode))]
+    out = subprocess.run(args, capture_output=True, text=True, check=False)
+    if out.returncode:
+        return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--lengths", default="4096,8192,16384")
+    parser.add_argument("--methods", default=";".join(METHODS), help="';'-separated specs; 'none' is the baseline")
+    parser.add_argument("--skip-decode", action="store_true")
+    parser.add_argument("--decode-length", type=int, default=8192)
+    parser.add_argument("--case", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.case:
+        model_dir, method, length, decode = args.case
+        print(json.dumps(_case(model_dir, method, int(length), bool(int(decode)))))
+        return
+
+    import torch
+
+    import ropelab
+
+    methods = [m for m in args.methods.split(";") if m]
+    if methods[0] != "none":
+        methods.insert(0, "none")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores", file=sys.stderr)
+    with tempfile.TemporaryDirectory() as model_dir:
+        model, _ = ropelab.load_default_model("smollm2-135m")
+        # a GGUF-loaded model refuses save_pretrained: keep its config and dequantised weights
+        config = model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.save_pretrained(model_dir)
+        torch.save(model.state_dict(), f"{model_dir}/weights.pt")
+        del model
+        rows = []
+        for length in [int(x) for x in args.lengths.split(",")]:
+            results = {m: _run_case(model_dir, m, length, False) for m in methods}
+            base = results["none"]
+            for m in methods:
+                r = results[m]
+                print(f"  {length:>6} {m:<36} {json.dumps(r)}", file=sys.stderr)
+                rows.append((length, m, r, base))
+        decode = {}
+        if not args.skip_decode:
+            decode = {m: _run_case(model_dir, m, args.decode_length, True) for m in methods}
+    _print_table(rows, decode, args.decode_length)
+
+
+def _print_table(rows, decode, decode_length) -> None:
+    print("| length | method | route | time s | time × | peak MB | peak × | target (time, mem) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for length, method, r, base in rows:
+        if "error" in r:
+            print(f"| {length} | {method} | error: {r['error']} | | | | | |")
+            continue
+        route = r.get("route") or "unpatched"
+        tx = r["seconds"] / base["seconds"]
+        mx = r["peak_mb"] / base["peak_mb"]
+        target = TARGETS.get(route)
+        target_text = f"≤ {target[0]}×, ≤ {target[1]}×" if target else ""
+        print(f"| {length} | {method} | {route} | {r['seconds']:.1f} | {tx:.2f} | {r['peak_mb']:.0f} | {mx:.2f} | {target_text} |")
+    if decode:
+        base = decode["none"]["decode_ms"]
+        print(f"\n| decode at {decode_length} | ms/token | × unpatched (target ≤ 2× for relative methods) |")
+        print("|---|---|---|")
+        for method, r in decode.items():
+            if "error" in r:
+                print(f"| {method} | error: {r['error']} | |")
+            else:
+                print(f"| {method} | {r['decode_ms']:.1f} | {r['decode_ms'] / base:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
