@@ -13,7 +13,7 @@ scale (shared/docs/methods.md), and the kernels that apply them.
 """
 
 from . import family as _family  # noqa: F401  (registers the methods)
-from .method import Frequencies, Method, RelativeMap, RelativeMethod
+from .method import BorrowedFrequencies, Frequencies, Method, RelativeMap, RelativeMethod
 from .registry import get_method, method_class, methods, register
 from .rotary import apply_rotary, cos_sin, sinusoidal_table
 from .spec import parse_method
@@ -34,6 +34,7 @@ def __getattr__(name: str):
 
 __all__ = [
     *_FROM_PATCHES,
+    "BorrowedFrequencies",
     "Frequencies",
     "Method",
     "RelativeMap",

@@ -161,26 +161,24 @@ class RelativeMap:
 
 
 @dataclass(frozen=True, kw_only=True)
-class RelativeMethod(Method, RelativeMap):
-    """Base of ReRoPE, Leaky ReRoPE and SelfExtend: a window plus a frequency map borrowed
-    from `frequency_method` (a frequency-only method such as `ntk`; None means plain RoPE),
-    so "Leaky ReRoPE over NTK frequencies" needs no code of its own.
+class BorrowedFrequencies(Method):
+    """A method whose frequency map is another, frequency-only method's: `frequency_method`
+    (e.g. `ntk` under Leaky ReRoPE or under a sinusoidal table; None means plain RoPE).
+    That is how compositions need no code of their own."""
 
-    A window at or beyond the sequence length makes the far part empty: the method is then
-    plain RoPE (over `frequency_method`). That is allowed, and is how the equivalence tests
-    check the kernels.
-    """
-
-    window: int
     frequency_method: Method | None = None
 
     def validate(self) -> None:
-        check_positive_int("window", self.window)
         inner = self.frequency_method
         if inner is None:
             return
         require(isinstance(inner, Method), "frequency_method", inner, "must be a ropelab method (get_method(...))")
-        require(inner.relative is None, "frequency_method", inner.spec(), "must be a frequency-only method")
+        require(
+            inner.relative is None and not isinstance(inner, BorrowedFrequencies),
+            "frequency_method",
+            inner.spec(),
+            "must be a frequency-only method (rope, linear, ntk, ntk-old, beta-base, dynamic-ntk, yarn, llama3)",
+        )
         require(not inner.logn, "frequency_method", inner.spec(), "must not set logn; set logn on the outer method")
         require(
             inner.train_length in (None, self.train_length),
@@ -197,9 +195,27 @@ class RelativeMethod(Method, RelativeMap):
     def length_dependent(self) -> bool:  # type: ignore[override]
         return self.frequency_method is not None and self.frequency_method.length_dependent
 
-    def _inner(self) -> Method:
+    def borrowed_frequencies(self, dim: int, base: float, seq_len: int | None = None) -> Frequencies:
         inner = self.frequency_method or Method()
-        return inner.with_train_length(self.train_length) if self.train_length is not None else inner
+        if self.train_length is not None:
+            inner = inner.with_train_length(self.train_length)
+        return inner.frequencies(dim, base, seq_len)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RelativeMethod(BorrowedFrequencies, RelativeMap):
+    """Base of ReRoPE, Leaky ReRoPE and SelfExtend: a window plus borrowed frequencies.
+
+    A window at or beyond the sequence length makes the far part empty: the method is then
+    plain RoPE (over `frequency_method`). That is allowed, and is how the equivalence tests
+    check the kernels.
+    """
+
+    window: int
+
+    def validate(self) -> None:
+        check_positive_int("window", self.window)
+        super().validate()
 
     def frequencies(self, dim: int, base: float, seq_len: int | None = None) -> Frequencies:
-        return self._inner().frequencies(dim, base, seq_len)
+        return self.borrowed_frequencies(dim, base, seq_len)
