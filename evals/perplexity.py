@@ -213,20 +213,21 @@ def perplexity(
         if not jobs:
             continue
         base = {"type": "perplexity", "model": model_id, "method": spec, **protocol.params()}
-        if error is not None:
+
+        def record_failure(exc: BaseException) -> None:
             for doc, n, key in jobs:
                 store.append({**base, "key": key, "document": doc.id, "length": n, "status": "error",
-                              "error": f"{type(error).__name__}: {error}"})
+                              "error": f"{type(exc).__name__}: {exc}"})
                 bar.update()
+
+        if error is not None:  # the spec did not parse or validate
+            record_failure(error)
             continue
         try:
             context = apply_method(model, method)
             context.__enter__()
         except Exception as exc:  # the patch refused this model or method: record, go on
-            for doc, n, key in jobs:
-                store.append({**base, "key": key, "document": doc.id, "length": n, "status": "error",
-                              "error": f"{type(exc).__name__}: {exc}"})
-                bar.update()
+            record_failure(exc)
             continue
         try:
             for doc, n, key in jobs:
