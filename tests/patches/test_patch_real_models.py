@@ -73,4 +73,5 @@ def test_gemma3_270m_loads_and_patches():
         for spec in ("rerope:window=1024", "ntk:scale=1"):
             with P.patched(model, spec) as handle:
                 assert {s.layer_type for s in handle.sites} == {"sliding_attention", "full_attention"}
-                torch.testing.assert_close(model(ids).logits, reference, atol=1e-3, rtol=1e-4)
+                # logits reach ~50 here; float32 summation-order noise measured 7.6e-5 (rerope), 6.9e-5 (ntk)
+                torch.testing.assert_close(model(ids).logits, reference, atol=1e-4, rtol=1e-5)
