@@ -22,9 +22,12 @@ a (B, 1, 1, S) additive mask the kernel broadcasts, a sliding window as a second
 edge. Decoding rotates only the w keys of the window; ReRoPE's far keys are used as
 cached (position 0 is no rotation), so its far part costs no per-key work.
 
-Gemma-2 logit soft-capping cannot be expressed to the flash kernel (it caps each logit
-before the softmax), and the kernel is CPU-only, so soft-capping and non-CPU tensors take
-an eager path that is exact and still works in query blocks (memory O(S·block)).
+On CUDA with flash-attn installed (the `cuda` extra) and float16/bfloat16 tensors, the
+two parts are two flash-attn calls instead (rope/flash_cuda.py: its bottom-right causal
+alignment and `window_size` express each part without a mask). Gemma-2 logit
+soft-capping cannot be expressed to the CPU flash kernel (it caps each logit before the
+softmax), so soft-capping on CPU, float32 or non-left padding on CUDA, and other devices
+take an eager path that is exact and still works in query blocks (memory O(S·block)).
 
 Conventions are shared/docs/methods.md's: the attention factor multiplies cos and sin
 (rotary dims only), log-n multiplies whole query rows, keys sit at absolute positions
@@ -40,6 +43,7 @@ from collections import OrderedDict
 
 import torch
 
+from . import flash_cuda
 from .method import Method, RelativeMap
 from .rotary import LAYOUTS, angles
 
@@ -562,8 +566,9 @@ def rotary_attention(
 
     Returns (B, H, T, Dv) in query.dtype. No T×S matrix is formed: extra memory is a few
     rotated copies of q and k plus O(block × S) per block (measured: 3× plain SDPA's peak
-    at 16k tokens). Soft-capping, non-CPU tensors and autograd (an input requiring grad
-    with grad mode on) take an exact eager path, slower; inference should run under
+    at 16k tokens). On CUDA, float16/bfloat16 go through flash-attn when it is installed
+    (no extra memory beyond the rotated copies). Soft-capping on CPU, other non-CPU
+    tensors and autograd (an input requiring grad with grad mode on) take an exact eager path, slower; inference should run under
     torch.no_grad() / torch.inference_mode().
     """
     offsets = _validate(query, key, value, method, inv_freq, attention_factor, layout, position_offset,
@@ -624,6 +629,10 @@ def rotary_attention(
     recording = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
     if recording:
         _warn_slow_path()
+    if not recording and flash_cuda.usable(query, value, key_padding_mask):
+        far = (*far_inputs(), kf0, tf0) if has_far else None
+        return flash_cuda.two_part_attention(q_near, k_near, kn0, far, value, w, sw, near_hi, key_padding_mask,
+                                             scale, softcap)
     if softcap is not None or device.type != "cpu" or recording:
         # The flash kernel's lse carries no gradient, and the merge weights depend on it,
         # so gradients need the eager path too.
