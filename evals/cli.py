@@ -110,6 +110,8 @@ def cmd_methods(args) -> int:
         doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
         fields = [f.name for f in dataclasses.fields(cls) if f.name not in ("train_length",)]
         flag = " [length-dependent]" if isinstance(cls.length_dependent, bool) and cls.length_dependent else ""
+        if "per_query" in fields:  # dynamic-ntk: length_dependent is a property of the instance
+            flag = " [length-dependent unless per_query=true]"
         print(f"{name:14s} {', '.join(fields)}{flag}\n{'':14s} {doc}")
     return 0
 

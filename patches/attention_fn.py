@@ -1,13 +1,14 @@
 """The attention function ropelab registers with transformers for methods that need the
 unrotated queries and keys: relative-position maps (ReRoPE, Leaky ReRoPE, SelfExtend),
-length-dependent frequencies (dynamic NTK) and log-n (shared/docs/design.md, "How a method
-gets into a model").
+length-dependent frequencies (dynamic NTK, emozilla 2023), per-query frequencies (dynamic
+NTK with per_query=true: row p uses the frequencies for length p + 1, see `_per_query`) and
+log-n (shared/docs/design.md, "How a method gets into a model").
 
 The patch makes the rotary module return cos = 1, sin = 0, so the model's own
 `apply_rotary_pos_emb` is an exact identity and its KV cache holds keys *before* RoPE;
 RoPE is then applied here, per call, by `ropelab.attention.rotary_attention`. That is what
-makes cached decoding exact for dynamic NTK (transformers' own `dynamic` caches stale
-rotations, issue 25104).
+makes cached decoding exact for dynamic NTK (keys before RoPE: YaRN paper §3.3;
+transformers' own `dynamic` caches stale rotations, issue 25104).
 
 Two functions are registered under the one name `ropelab`:
 - `ropelab_attention` with `AttentionInterface` (the attention itself);
@@ -53,11 +54,11 @@ class Route:
     layout: str  # "half" or "interleaved"
     dim: int  # rotary dimension
     base: float  # rope_theta of this layer's rotary
-    inv_freq: torch.Tensor | None  # (dim/2,) float64; None for length-dependent methods
+    inv_freq: torch.Tensor | None  # (dim/2,) float64; None when frequencies follow a length
     attention_factor: float
     positions: PositionState
     calls: int = 0
-    _by_length: dict = field(default_factory=dict)  # seq_len -> (inv_freq, factor), dynamic only
+    _by_length: dict = field(default_factory=dict)  # seq_len -> (inv_freq, factor), when inv_freq is None
 
     def frequencies(self, seq_len: int) -> tuple[torch.Tensor, float]:
         if self.inv_freq is not None:
@@ -115,27 +116,37 @@ def ropelab_attention(module, query, key, value, attention_mask, scaling=None, d
     last = positions[:, -1].to(device=query.device, dtype=torch.long).expand(batch)  # (B,) position of the last query
     offset = last - (key_length - 1)  # (B,) position of key index 0
 
-    def run(rows, seq_len):
+    def run(seq_len, rows=slice(None), queries=slice(None), keys=slice(None)):
+        """Attention of sequences `rows`, query rows `queries` over key indices `keys` (a
+        prefix: the queries stay the last of the keys, key index 0 keeps its offset)."""
         inv_freq, factor = route.frequencies(seq_len)
-        pick = (lambda t: t) if rows is None else (lambda t: None if t is None else t[rows])
+        # slice first (a view), then pick rows (a copy of the slice only)
+        mask = None if attention_mask is None else attention_mask[:, keys][rows]
         return rotary_attention(
-            pick(query), pick(key), pick(value), route.method, inv_freq,
-            attention_factor=factor, layout=route.layout, position_offset=pick(offset),
-            key_padding_mask=pick(attention_mask), sliding_window=sliding_window, scale=scaling, softcap=softcap,
+            query[:, :, queries][rows], key[:, :, keys][rows], value[:, :, keys][rows], route.method, inv_freq,
+            attention_factor=factor, layout=route.layout, position_offset=offset[rows],
+            key_padding_mask=mask, sliding_window=sliding_window, scale=scaling, softcap=softcap,
         )  # (B, H, T, Dv)
 
+    def groups(values):
+        """(rows, value) per distinct value in (B,) `values`; one group is all rows, not copied."""
+        distinct = torch.unique(values).tolist()
+        if len(distinct) == 1:
+            return [(slice(None), distinct[0])]
+        return [((values == v).nonzero().flatten(), v) for v in distinct]
+
     if route.inv_freq is not None:
-        out = run(None, 0)
+        out = run(0)
+    elif route.method.per_query_frequencies:
+        out = _per_query(run, groups(offset), route.method.required_train_length(), query, value)
     else:  # frequencies follow each sequence's own current length (cache included)
-        lengths = last + 1
-        groups = torch.unique(lengths)
-        if len(groups) == 1:
-            out = run(None, int(groups[0]))
+        parts = groups(last + 1)
+        if len(parts) == 1:
+            out = run(parts[0][1])
         else:
             out = query.new_empty(query.shape[:3] + value.shape[-1:])
-            for length in groups.tolist():
-                rows = (lengths == length).nonzero().flatten()
-                out[rows] = run(rows, int(length))
+            for rows, length in parts:
+                out[rows] = run(length, rows)
     if attention_mask is not None:
         # Padding queries sit at negative positions under left padding, where log-n's
         # ln(p + 1) is NaN; their output is never used, but a NaN there would reach real
@@ -143,6 +154,26 @@ def ropelab_attention(module, query, key, value, attention_mask, scaling=None, d
         out = out.masked_fill(~attention_mask[:, None, -query.shape[2]:, None], 0.0)
     route.calls += 1
     return out.transpose(1, 2).contiguous(), None
+
+
+def _per_query(run, groups, train_length: int, query, value) -> torch.Tensor:
+    """Per-query frequencies (dynamic-ntk with per_query=true): the query at position p uses
+    the frequencies for length p + 1 over keys 0..p, which is what decoding step p computes.
+
+    Rows with p + 1 ≤ L all have the frequencies of L (dynamic NTK is plain RoPE there), so
+    they take one call; each later row takes its own call (T = 1 over its key prefix). A
+    prefill therefore costs one call per row beyond L; decoding (T = 1) stays one call.
+    """
+    T, S = query.shape[2], value.shape[2]
+    out = query.new_empty(query.shape[:3] + value.shape[-1:])  # (B, H, T, Dv)
+    for rows, offset in groups:  # sequences whose key index 0 sits at `offset`
+        first = offset + S - T  # position of query row 0
+        shared = min(T, max(0, train_length - first))  # rows with length first + t + 1 ≤ L
+        if shared:
+            out[rows, :, :shared] = run(train_length, rows, slice(0, shared), slice(0, S - T + shared))
+        for t in range(shared, T):
+            out[rows, :, t : t + 1] = run(first + t + 1, rows, slice(t, t + 1), slice(0, S - T + t + 1))
+    return out
 
 
 def register() -> None:

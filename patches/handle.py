@@ -5,9 +5,10 @@ Two routes (shared/docs/design.md, "How a method gets into a model"):
 - **frequencies**: a frequency-only method (rope, linear, ntk, ntk-old, beta-base, yarn,
   llama3) rewrites each rotary `*inv_freq` buffer (float32 from the method's float64) and
   its `attention_scaling`; the model's own cos/sin computation then runs unchanged.
-- **attention**: a relative map, a length-dependent method (dynamic-ntk) or log-n makes
-  the rotary return cos = 1, sin = 0 and switches the model's `_attn_implementation` to
-  ropelab's attention function (patches/attention_fn.py), which applies RoPE itself.
+- **attention**: a relative map, a length-dependent method (dynamic-ntk), per-query
+  frequencies (dynamic-ntk with per_query=true) or log-n makes the rotary return cos = 1,
+  sin = 0 and switches the model's `_attn_implementation` to ropelab's attention function
+  (patches/attention_fn.py), which applies RoPE itself.
 - **sinusoidal** (XGLM only, patches/xglm.py): frequency maps applied to the additive
   sinusoidal position table.
 
@@ -133,7 +134,7 @@ def resolve_method(method: Method | str | None, params: dict) -> Method:
 
 
 def _needs_attention(method: Method) -> bool:
-    return method.relative is not None or method.length_dependent or method.logn
+    return method.relative is not None or method.length_dependent or method.per_query_frequencies or method.logn
 
 
 def patch(model: nn.Module, method: Method | str | None = None, **params) -> PatchHandle:
@@ -254,7 +255,7 @@ def _plan_attention(model, method, family, sites, attentions) -> Callable[[Patch
         site = by_type[layer_type]
         m = method.with_train_length(site.train_length)
         freq = m.frequencies(site.dim, site.base, site.train_length)  # validates now, for dynamic too
-        static = not m.length_dependent
+        static = not (m.length_dependent or m.per_query_frequencies)  # else frequencies per length, in the call
         routes[attention] = afn.Route(m, family.layout, site.dim, site.base, freq.inv_freq if static else None,
                                       float(freq.attention_factor), positions)
     configs = {id(m.config): m.config for m in model.modules() if hasattr(getattr(m, "config", None), "_attn_implementation")}

@@ -10,8 +10,9 @@ one that builds the rows for the requested positions from the mapped ω (float64
 
 Accepted: frequency-only methods (rope, linear, ntk, ntk-old, beta-base, llama3, yarn with
 attention_factor 1) and `sinusoidal` (its own base, optionally over a frequency_method).
-Relative maps, dynamic-ntk and log-n act inside attention or change past positions, which an
-additive absolute table cannot express: refused.
+Relative maps, dynamic-ntk (either mode: per_query=true encodes each key anew for every
+query) and log-n act inside attention or change past positions, which an additive absolute
+table cannot express: refused.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from ..method import Method
 
 
 def _mapped_inv_freq(method: Method, d_model: int, train_length: int) -> torch.Tensor:
-    if method.relative is not None or method.length_dependent or method.logn:
+    if method.relative is not None or method.length_dependent or method.per_query_frequencies or method.logn:
         raise ValueError(f"method={method.spec()!r}: XGLM adds absolute sinusoidal positions to its embeddings; "
                          "only frequency maps apply (not relative maps, dynamic-ntk or logn)")
     half = d_model // 2

@@ -57,6 +57,11 @@ class Method:
     # True when every position's encoding depends on the current sequence length, so a
     # prefix's logits change as the sequence grows and the cache must hold keys before RoPE.
     length_dependent: ClassVar[bool] = False
+    # True when each query needs the frequencies of its own length (position + 1), so the
+    # patch must route attention through ropelab even though the method is prefix-consistent
+    # (dynamic-ntk with per_query=True). The attention function relies on lengths ≤ L all
+    # having the frequencies of L (patches/attention_fn.py, `_per_query`).
+    per_query_frequencies: ClassVar[bool] = False
     # True when `frequencies()` (or log-n) needs the model's training length.
     uses_train_length: ClassVar[bool] = False
 
@@ -76,7 +81,8 @@ class Method:
     def frequencies(self, dim: int, base: float, seq_len: int | None = None) -> Frequencies:
         """Inverse frequencies for a rotary dimension `dim` and RoPE base `base`.
 
-        `seq_len` is the current sequence length; only length-dependent methods read it.
+        `seq_len` is the current sequence length (per query with per-query frequencies);
+        only dynamic-ntk reads it.
         """
         return Frequencies(fm.rope_inv_freq(dim, base), 1.0)
 
@@ -194,6 +200,10 @@ class BorrowedFrequencies(Method):
     @property
     def length_dependent(self) -> bool:  # type: ignore[override]
         return self.frequency_method is not None and self.frequency_method.length_dependent
+
+    @property
+    def per_query_frequencies(self) -> bool:  # type: ignore[override]
+        return self.frequency_method is not None and self.frequency_method.per_query_frequencies
 
     def borrowed_frequencies(self, dim: int, base: float, seq_len: int | None = None) -> Frequencies:
         inner = self.frequency_method or Method()

@@ -3,13 +3,15 @@ as they run alone, and keep their sliding windows. Tolerance as in test_patch_eq
 (1e-5 on logits): both sides run the same patched model, so only summation order differs
 (flash kernel over 1 query vs over many).
 
-dynamic-ntk is checked on one-layer models. Its frequencies follow the current length, and
-the cache keeps keys before RoPE, so every cached key is re-rotated for the current length
-(exact, where transformers' own `dynamic` keeps stale rotations). But a cache also keeps the
-*inputs* of layers 2.. for earlier tokens, computed when those tokens were processed, i.e.
-at their own shorter lengths; a full forward recomputes them at the current length. No
-cache can agree with a recomputation there (a length-dependent method changes every
-token's hidden states as the sequence grows), so exactness is a one-layer statement.
+dynamic-ntk (default mode, per_query=false) is checked on one-layer models. Its frequencies
+follow the current length, and the cache keeps keys before RoPE, so every cached key is
+re-rotated for the current length (exact, where transformers' own `dynamic` keeps stale
+rotations). But a cache also keeps the *inputs* of layers 2.. for earlier tokens, computed
+when those tokens were processed, i.e. at their own shorter lengths; a full forward
+recomputes them at the current length. No cache can agree with a recomputation there (a
+length-dependent method changes every token's hidden states as the sequence grows), so in
+this mode exactness is a one-layer statement. `dynamic-ntk:per_query=true` gives each row
+its own length's frequencies and is exact at any depth: test_patch_dynamic_per_query.py.
 """
 
 import pytest

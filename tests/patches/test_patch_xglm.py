@@ -37,6 +37,7 @@ def test_frequency_maps_change_xglm_and_cache_agrees(xglm):
 
 
 @pytest.mark.parametrize("spec,message", [("rerope:window=4", "only frequency maps"), ("dynamic-ntk:scale=2", "only frequency maps"),
+                                          ("dynamic-ntk:scale=2,per_query=true", "only frequency maps"),
                                           ("rope:logn=true", "only frequency maps"), ("yarn:scale=2", "attention_factor")])
 def test_methods_that_need_attention_are_refused_on_xglm(xglm, spec, message):
     with pytest.raises(ValueError, match=message):

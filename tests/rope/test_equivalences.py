@@ -46,6 +46,21 @@ def test_dynamic_ntk_changes_past_training_length_and_others_do_not():
         assert torch.equal(method.frequencies(DIM, BASE, 10).inv_freq, method.frequencies(DIM, BASE, 10 * L).inv_freq)
 
 
+def test_dynamic_ntk_per_query_is_prefix_consistent_but_needs_the_attention_route():
+    """per_query=true: each query uses its own length's frequencies (the same function of the
+    length as the default mode), so a prefix never changes: not length-dependent, but the
+    patch must still apply RoPE per query (`per_query_frequencies`)."""
+    per_query = ropelab.get_method("dynamic-ntk", scale=4, per_query=True, train_length=L)
+    default = ropelab.get_method("dynamic-ntk", scale=4, train_length=L)
+    assert not per_query.length_dependent and per_query.per_query_frequencies
+    assert default.length_dependent and not default.per_query_frequencies
+    assert not ropelab.get_method("ntk", scale=2).per_query_frequencies
+    for seq_len in (1, L, 3 * L):
+        assert torch.equal(per_query.frequencies(DIM, BASE, seq_len).inv_freq, default.frequencies(DIM, BASE, seq_len).inv_freq)
+    inner = ropelab.get_method("rerope", window=64, frequency_method=per_query, train_length=L)
+    assert inner.per_query_frequencies and not inner.length_dependent
+
+
 @pytest.mark.parametrize("scale", [2, 4, 12])
 def test_beta_base_extremes(scale):
     # β = 0: position interpolation

@@ -41,6 +41,7 @@ def test_methods_are_frozen():
         ("llama3", {"scale": 2, "low_freq_factor": 4, "high_freq_factor": 2}, "high_freq_factor=2"),
         ("rope", {"train_length": 0}, "train_length=0"),
         ("rope", {"logn": "yes"}, "logn='yes'"),
+        ("dynamic-ntk", {"scale": 2, "per_query": 1}, "per_query=1: must be True or False"),
         ("rope", {"base": 0.5}, "base=0.5"),
         ("rerope", {"window": 4, "frequency_method": "ntk"}, "frequency_method='ntk'"),
         ("rerope", {"window": 4, "frequency_method": ropelab.get_method("rerope", window=2)}, "frequency-only"),
@@ -81,6 +82,8 @@ def test_methods_needing_train_length_say_so():
         "self-extend:window=1024,group=8,train_length=8192",
         "yarn:scale=4,attention_factor=1.2",
         "sinusoidal:frequency_method=linear(scale=2)",
+        "dynamic-ntk:scale=2,per_query=true",
+        "rerope:window=64,frequency_method=dynamic-ntk(scale=2,per_query=true)",
     ],
 )
 def test_spec_round_trip(text):
