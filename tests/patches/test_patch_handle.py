@@ -198,11 +198,15 @@ def test_unsupported_model_lists_supported_families():
     assert "llama" in P.supported_families() and "falcon" in P.supported_families()
 
 
-def test_transformers_outside_the_declared_range_is_refused(monkeypatch):
+@pytest.mark.parametrize("version", ["5.24.1", "5.16.1"])
+def test_transformers_outside_the_declared_range_is_refused(monkeypatch, version):
     model = build("llama")
-    monkeypatch.setattr(transformers, "__version__", "5.24.1")
-    with pytest.raises(RuntimeError, match=r"transformers==5\.24\.1.*>=5\.23,<5\.24"):
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    monkeypatch.setattr(transformers, "__version__", version)
+    with pytest.raises(RuntimeError, match=rf"transformers=={re.escape(version)}.*>=5\.17,<5\.24"):
         P.patch(model, "ntk", scale=2)
+    assert P.describe(model).startswith("no ropelab patch")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_declared_range_matches_pyproject():
