@@ -19,7 +19,7 @@ import torch
 from transformers import DynamicCache
 
 import ropelab.patches as P
-from tiny_models import FAMILIES, WINDOW, build, logits, tokens
+from tiny_models import FAMILIES, WINDOW, build, left_pad, logits, tokens
 
 ATOL = 1e-5
 # windows below the lengths used here (8 < 40), so the far parts are not empty
@@ -78,23 +78,12 @@ def test_generate_same_tokens_cached_and_uncached(family, spec):
     assert cached.tolist() == uncached.tolist()
 
 
-def _left_pad(sequences, pad=0):
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad)
-    mask = torch.zeros(len(sequences), width, dtype=torch.long)
-    for row, s in enumerate(sequences):
-        ids[row, width - len(s) :] = s
-        mask[row, width - len(s) :] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate() builds them
-    return ids, mask, positions
-
-
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "gemma2", "gemma3", "phi", "glm", "falcon"])
 @pytest.mark.parametrize("spec", ["rerope:window=8,logn=true", "self-extend:window=8,group=4", "dynamic-ntk:scale=2", "ntk:scale=2"])
 def test_left_padded_batch_matches_each_sequence_alone(family, spec):
     model = build(family)
     long, short = tokens(44, seed=2)[0], tokens(30, seed=3)[0]  # both past L for dynamic
-    ids, mask, positions = _left_pad([long, short])
+    ids, mask, positions = left_pad([long, short])
     with P.patched(model, spec):
         batch = logits(model, ids, attention_mask=mask, position_ids=positions)
         alone = [logits(model, s[None]) for s in (long, short)]

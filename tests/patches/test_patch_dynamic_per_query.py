@@ -16,7 +16,7 @@ import torch
 from transformers import DynamicCache
 
 import ropelab.patches as P
-from tiny_models import FAMILIES, TRAIN_LENGTH as L, build, logits, tokens
+from tiny_models import FAMILIES, TRAIN_LENGTH as L, build, left_pad, logits, tokens
 
 ATOL = 1e-5
 PER_QUERY = "dynamic-ntk:scale=2,per_query=true"
@@ -84,23 +84,13 @@ def test_default_mode_is_not_exact_on_two_layers():
     assert default_gap > 0.1 and per_query_gap <= ATOL, (float(default_gap), float(per_query_gap))
 
 
-def _left_pad(sequences, pad=0):
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad)
-    mask = torch.zeros(len(sequences), width, dtype=torch.long)
-    for row, s in enumerate(sequences):
-        ids[row, width - len(s) :] = s
-        mask[row, width - len(s) :] = 1
-    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)  # positions as generate() builds them
-
-
 # sliding window, soft-capping, per-layer-type rotary, partial rotary, interleaved, own dispatch
 @pytest.mark.parametrize("family", ["llama", "mistral", "gemma2", "gemma3", "phi", "glm", "falcon"])
 def test_left_padded_batch_matches_each_sequence_alone(family):
     model = build(family)
     # past L, within L, and crossing L inside the forward: three offsets, three row splits
     sequences = [tokens(44, seed=2)[0], tokens(30, seed=3)[0], tokens(38, seed=4)[0]]
-    ids, mask, positions = _left_pad(sequences)
+    ids, mask, positions = left_pad(sequences)
     with P.patched(model, PER_QUERY):
         batch = logits(model, ids, attention_mask=mask, position_ids=positions)
         for row, s in enumerate(sequences):
@@ -111,7 +101,7 @@ def test_left_padded_batch_matches_each_sequence_alone(family):
 def test_generate_cached_equals_uncached_and_alone(family):
     model = build(family)
     prompts = [tokens(26, seed=5)[0], tokens(23, seed=6)[0]]  # 10 new tokens take both past L
-    ids, mask, _ = _left_pad(prompts)
+    ids, mask, _ = left_pad(prompts)
     # min_new_tokens: no sequence stops early, so the batch rows line up with the lone runs
     kwargs = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=0)
     with P.patched(model, PER_QUERY), torch.no_grad():

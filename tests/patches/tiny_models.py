@@ -113,3 +113,14 @@ def rope_parameters(family: str, **scaling) -> dict:
 @torch.no_grad()
 def logits(model, ids: torch.Tensor, **kwargs) -> torch.Tensor:
     return model(input_ids=ids, use_cache=False, **kwargs).logits
+
+
+def left_pad(sequences, pad=0):
+    """(ids, attention mask, position ids) of a left-padded batch, positions as generate() builds them."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad)
+    mask = torch.zeros(len(sequences), width, dtype=torch.long)
+    for row, s in enumerate(sequences):
+        ids[row, width - len(s) :] = s
+        mask[row, width - len(s) :] = 1
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
