@@ -201,12 +201,12 @@ def test_unsupported_model_lists_supported_families():
 @pytest.mark.parametrize("version", ["5.24.1", "5.16.1"])
 def test_transformers_outside_the_declared_range_is_refused(monkeypatch, version):
     model = build("llama")
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+    before = snapshot(model)
     monkeypatch.setattr(transformers, "__version__", version)
     with pytest.raises(RuntimeError, match=rf"transformers=={re.escape(version)}.*>=5\.17,<5\.24"):
         P.patch(model, "ntk", scale=2)
     assert P.describe(model).startswith("no ropelab patch")
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert_untouched(model, before)
 
 
 def test_declared_range_matches_pyproject():
