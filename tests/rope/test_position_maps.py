@@ -199,6 +199,18 @@ def test_prefix_rows_do_not_depend_on_later_keys(name):
         assert (full[:, :, :n] - part).abs().max() <= TOL64
 
 
+@pytest.mark.parametrize("name", PARAMS)
+def test_left_padding_is_running_alone(name):
+    # Maps follow text positions: a sequence padded on the left by 6 attends as it does alone.
+    q, k, v = inputs(B=2, T=30, S=30)
+    pads = torch.tensor([0, 6])
+    mask = torch.arange(30)[None, :] >= pads[:, None]
+    padded = reference_attention(q, k, v, name, PARAMS[name], INV_FREQ, position_offset=-pads, key_padding_mask=mask)
+    alone = reference_attention(q[1:, :, 6:], k[1:, :, 6:], v[1:, :, 6:], name, PARAMS[name], INV_FREQ)
+    assert (padded[1:, :, 6:] - alone).abs().max() <= TOL64
+    assert (padded[1:, :, :6] == 0).all()  # padding rows see no real key
+
+
 # --------------------------------------------------------------------------------------
 # the authors' decoding, simulated token by token, equals the prefill
 # --------------------------------------------------------------------------------------
