@@ -26,6 +26,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import ropelab
 from ropelab.attention import rotary_attention
@@ -484,3 +486,45 @@ def test_parameters_at_or_above_the_sequence_are_allowed():
                          ("string", {"shift": 50, "local_window": 3, "attention_factor": 1.0}),
                          ("lm-infinite", {"n_global": 4, "n_local": 50}), ("sinks", {"sinks": 4, "window": 50})]:
         assert same_as_rope(name, params, 10)
+
+
+# --------------------------------------------------------------------------------------
+# random parameters: the parts and the reduction rule hold everywhere
+# --------------------------------------------------------------------------------------
+
+
+@st.composite
+def method_params(draw):
+    name = draw(st.sampled_from(sorted(PARAMS)))
+    if name == "dca":
+        w = draw(st.integers(0, 6))
+        params = {"chunk_size": draw(st.integers(2 * w + 1, 2 * w + 14)), "local_window": w}
+    elif name == "string":
+        shift = draw(st.integers(1, 15))
+        params = {"shift": shift, "local_window": draw(st.integers(0, shift)), "attention_factor": 1.0}
+    elif name == "lm-infinite":
+        params = {"n_global": draw(st.integers(0, 6)), "n_local": draw(st.integers(1, 15))}
+    else:
+        window = draw(st.integers(1, 12))
+        params = {"sinks": draw(st.integers(0, window)), "window": window}
+    return name, params
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(method_params(), st.integers(1, 45))
+def test_random_parameters(name_params, n):
+    name, params = name_params
+    m = pair_map(name, torch.arange(n), torch.arange(n), params)
+    covered = torch.zeros(n, n, dtype=torch.int64)
+    for _, inside, distance in part_masks(name, params, n):
+        covered += inside
+        assert torch.equal(distance[inside], m.distance[inside])
+    assert covered.max() <= 1 and torch.equal(covered.bool(), m.visible)
+    # reduces_to_rope is exact: true if and only if the map is plain RoPE on positions < n
+    assert reduces_to_rope(name, params, n - 1) == same_as_rope(name, params, n)
+    # no distance beyond what the method promises
+    top = m.distance.nan_to_num(0).max().item()
+    bound = {"dca": params.get("chunk_size"), "lm-infinite": params.get("n_local"),
+             "sinks": params.get("sinks", 0) + params.get("window", 0)}.get(name)
+    if bound is not None:
+        assert top <= bound
