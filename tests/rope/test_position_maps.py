@@ -22,6 +22,7 @@ The existing kernel runs in float32, so comparisons with it use that suite's 1e-
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -218,10 +219,14 @@ def test_left_padding_is_running_alone(name):
 # --------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=None)
+def _cos_sin_at(position: int, factor: float):
+    return cos_sin(torch.tensor(float(position)), INV_FREQ, factor, "half", F64)
+
+
 def rot(x, position, factor=1.0):
     """Rotate x (..., D) at one integer position."""
-    c, s = cos_sin(torch.tensor(float(position)), INV_FREQ, factor, "half", F64)
-    return apply_rotary(x, c, s)
+    return apply_rotary(x, *_cos_sin_at(int(position), float(factor)))
 
 
 def softmax_rows(logits_and_values):
