@@ -262,6 +262,9 @@ def reference_attention(q, k, v, method_name: str, params: dict, inv_freq, *, at
     the text distance (r < sliding_window) and key padding (True = real) hide keys. Rows
     with no visible key come out 0.
     """
+    if method_name not in MAPS:
+        raise ValueError(f"method_name={method_name!r}: must be one of {sorted(MAPS)}")
+    check_params(method_name, params)
     q, k, v = q.to(F64), k.to(F64), v.to(F64)
     B, H, T, D = q.shape
     S = k.shape[2]
