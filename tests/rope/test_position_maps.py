@@ -331,6 +331,24 @@ def test_authors_decoding_equals_prefill(name):
     assert (prefill - decoded).abs().max() <= TOL64
 
 
+def test_string_authors_prefill_counts_the_key_at_shift_twice():
+    # string_for_llama.py's flash prefill: near part r <= S (inclusive window), shifted part
+    # r >= S. The map follows their decoding (r = S shifted only); the prefill's extra copy of
+    # that key changes exactly the rows that have one.
+    S, W, f = 5, 2, STRING_ATTENTION_FACTOR
+    q, k, v = inputs(T=20, S=20)
+
+    def prefill_step(i, qi, k, v):
+        near = [(dot(rot(qi, i, f), rot(k[:, :, j], j, f)), v[:, :, j]) for j in range(max(0, i - S), i + 1)]
+        shifted = [(dot(rot(qi, i - S + W, f), rot(k[:, :, j], j, f)), v[:, :, j]) for j in range(0, i - S + 1)]
+        return near + shifted
+
+    ref = reference_attention(q, k, v, "string", {"shift": S, "local_window": W}, INV_FREQ)
+    theirs = decode(q, k, v, prefill_step)
+    assert (theirs[:, :, :S] - ref[:, :, :S]).abs().max() <= TOL64
+    assert (theirs[:, :, S:] - ref[:, :, S:]).abs().amax(dim=(0, 1, 3)).min() > 1e-6
+
+
 @pytest.mark.parametrize("params", [{"sinks": 4, "window": 4}, {"sinks": 0, "window": 3}, {"sinks": 1, "window": 9}])
 def test_sinks_decoding_other_sizes(params):
     q, k, v = inputs(T=25, S=25, seed=3)
