@@ -44,7 +44,7 @@ MAX_MEMORY_RULE = "KEY=SIZE[,KEY=SIZE...], KEY a GPU index, cpu, mps or disk, SI
 # What a hub snapshot needs for a causal LM and its tokenizer (remote code adds *.py).
 HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.tiktoken"]
 
-_SIZE = re.compile(r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?$", re.IGNORECASE)
+_SIZE = re.compile(r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$", re.IGNORECASE)
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 
@@ -94,6 +94,8 @@ def parse_max_memory(value) -> dict:
             key = int(key)
         if not ((isinstance(key, int) and not isinstance(key, bool) and key >= 0) or key in ("cpu", "mps", "disk")):
             raise ValueError(f"max_memory={value!r}: key {key!r} is not a GPU index, cpu, mps or disk; the rule: {MAX_MEMORY_RULE}")
+        if isinstance(size, str) and size.isdigit():
+            size = int(size)  # a byte count; accelerate takes it as an int only
         if isinstance(size, int) and not isinstance(size, bool) and size > 0:
             pass
         elif not (isinstance(size, str) and _SIZE.match(size)):

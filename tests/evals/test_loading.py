@@ -157,7 +157,9 @@ def test_names_that_are_nothing(tmp_path):
 
 
 def test_max_memory_parses_keys_and_sizes():
-    assert parse_max_memory("0=2GiB, 1=2.5GB,cpu=8GiB") == {0: "2GiB", 1: "2.5GB", "cpu": "8GiB"}
+    assert parse_max_memory("0=2GiB, 1=2.5GB,cpu=8GiB,disk=1000") == {0: "2GiB", 1: "2.5GB", "cpu": "8GiB", "disk": 1000}
+    with pytest.raises(ValueError, match=r"size '2.5' for 0 is not a size"):  # accelerate wants a unit with a fraction
+        parse_max_memory("0=2.5")
     assert parse_max_memory({0: 10**9, "cpu": "1GiB"}) == {0: 10**9, "cpu": "1GiB"}
 
 
