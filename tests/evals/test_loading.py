@@ -176,3 +176,24 @@ def test_flags_parse_and_errors_name_the_flag():
         loading_options(parser.parse_args(["--device-map", "auto", "--max-memory", "0=2x"]))
     with pytest.raises(ValueError, match=r"^--device-map 'auto' with device='cpu'"):
         loading_options(parser.parse_args(["--device-map", "auto", "--device", "cpu"]))
+
+
+def test_export_command_writes_a_folder_transformers_serves(model_dir, model, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from ropelab.evals.export_command import add_export_parser
+    from ropelab.patches import patched
+
+    parser = argparse.ArgumentParser()
+    add_export_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["export", "--model", str(model_dir), "--method", "linear:scale=2", "--out", str(tmp_path / "o")])
+    assert args.func(args) == 0
+    served = AutoModelForCausalLM.from_pretrained(tmp_path / "o").eval()
+    with patched(model, "linear:scale=2"):
+        torch.testing.assert_close(logits(served, 80), logits(model, 80), atol=1e-5, rtol=0)  # as tests/patches/test_export.py
+    for argv, message in [(["--method", "rerope:window=8"], r"^--method 'rerope:window=8': cannot export: a relative"),
+                          (["--method", "linear:scale=2", "--device-map", "auto"], r"^--device-map 'auto': export saves")]:
+        args = parser.parse_args(["export", "--model", str(model_dir), "--out", str(tmp_path / "p"), *argv])
+        with pytest.raises(ValueError, match=message):
+            args.func(args)
+    assert not (tmp_path / "p").exists()
