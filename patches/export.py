@@ -188,8 +188,8 @@ def export(model: nn.Module, method: Method | str, out: str | Path, tokenizer=No
     config.save_pretrained(out)  # overwrites the copy save_pretrained wrote
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
-    note = {"method": spec, "rope_parameters": config.rope_parameters,
-            "note": "transformers' dynamic caches keys after RoPE: cached decoding past the training length "
-                    "differs from ropelab's; one forward is the same" if "dynamic" in json.dumps(config.rope_parameters) else ""}
+    caveat = ("transformers' dynamic caches keys after RoPE: cached decoding past the training length "
+              "differs from ropelab's; one forward is the same") if spec.startswith("dynamic-ntk") else ""
+    note = {"method": spec, "rope_parameters": config.rope_parameters, "note": caveat}
     (out / "ropelab_export.json").write_text(json.dumps(note, indent=2, default=str) + "\n")
     return out

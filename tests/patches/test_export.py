@@ -38,7 +38,9 @@ def test_exported_folder_gives_the_patched_logits(family_model, spec, tmp_path):
         expected = logits(model, IDS)
     served = AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
     torch.testing.assert_close(logits(served, IDS), expected, atol=ATOL, rtol=0)
-    assert json.loads((tmp_path / "out" / "ropelab_export.json").read_text())["method"].startswith(spec.split(":")[0])
+    record = json.loads((tmp_path / "out" / "ropelab_export.json").read_text())
+    assert record["method"].startswith(spec.split(":")[0])
+    assert bool(record["note"]) == spec.startswith("dynamic-ntk")  # the cached-decoding caveat, for dynamic only
 
 
 def test_config_carries_the_native_types():
