@@ -1,7 +1,7 @@
 """The main job: SmolLM2-135M on the stdlib corpus, seven methods at twice the training
 length, fixed-target protocol, ending in the loss-versus-context plot and the table.
 
-Parameters (shared/docs/methods.md, "Defaults from the sources"), for L = 8192, N_max = 16k:
+Parameters (docs/methods.md, "Defaults from the sources"), for L = 8192, N_max = 16k:
 - scaling methods (`linear`, `ntk`, `beta-base`, `yarn`): scale s = N_max / L = 2;
 - `rerope`: window w = L/2 = 4096, the top of Su's "L/4 to L/2" and the window of the
   reference run in design.md (ReRoPE w=4096: 1.706 at 4k, 1.634 at 16k);
@@ -26,7 +26,8 @@ from __future__ import annotations
 import math
 import sys
 
-from .perplexity import Protocol, perplexity
+from .perplexity import perplexity
+from .protocols import Protocol
 
 SWEEP_NAMES = ("rope", "linear", "ntk", "beta-base", "yarn", "rerope", "leaky-rerope")
 
@@ -63,10 +64,10 @@ def run_default_sweep(out: str = "runs/default", *, model: str = "default", leng
     protocol = Protocol("fixed-target", window=lengths[-1], targets=targets, data="stdlib", short="skip")
     protocol.check_lengths(lengths)
     print(f"loading model {model!r} ...", file=sys.stderr)
-    net, tokenizer, model_id = load_model(model, dtype)
+    net, tokenizer, source = load_model(model, dtype)
     methods = methods or default_methods(train_length(net), lengths[-1])
     print(f"methods: {', '.join(methods)}\nlengths: {lengths}, K={targets}; estimated "
           f"{budget_seconds(lengths, len(methods)) / 60:.0f} min on 2 CPU cores (SDPA timings; "
           "relative methods may take longer)", file=sys.stderr)
-    return perplexity(net, tokenizer, "stdlib", methods, lengths, protocol=protocol, out=out, model_id=model_id,
+    return perplexity(net, tokenizer, "stdlib", methods, lengths, protocol=protocol, out=out, model_source=source,
                       progress=progress)
