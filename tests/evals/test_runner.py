@@ -82,7 +82,7 @@ def test_a_non_finite_loss_is_an_error_not_ok(model, tokenizer, docs):
 
 
 def test_sliding_scores_every_token_for_each_valid_stride(model, tokenizer, docs):
-    for stride in (1, 7, 15):  # every stride below the length: no token left unscored
+    for stride in (5, 15):  # every stride below the length: no token left unscored
         (r,) = perplexity(model, tokenizer, docs, ["rope"], [16], protocol="sliding", stride=stride, window=W,
                           apply_method=lambda m, _: contextlib.nullcontext(m), progress=False)
         assert r["status"] == "ok" and r["scored_tokens"] == W - 1 and all(x == x for x in r["losses"])

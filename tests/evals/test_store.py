@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from ropelab.evals import results
 from ropelab.evals.results import SCHEMA, ResultStore, RunLocked, read_file, read_run
 from ropelab.evals.summary import load, skipped_lines, table
 
@@ -22,8 +23,12 @@ def rec(i, params=None, method="rope", length=32):
 
 
 WRITER = textwrap.dedent("""
-    import sys, time
-    from ropelab.evals.results import ResultStore, RunLocked
+    import importlib.util, sys, time
+    # results.py needs only the standard library: load it alone (importing ropelab.evals loads torch: seconds)
+    spec = importlib.util.spec_from_file_location("results", sys.argv[5])
+    results = sys.modules["results"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(results)
+    ResultStore, RunLocked = results.ResultStore, results.RunLocked
     run, shard, count, pause = sys.argv[1], sys.argv[2] or None, int(sys.argv[3]), float(sys.argv[4])
     try:
         with ResultStore(run, "perplexity", shard) as store:
@@ -42,7 +47,7 @@ WRITER = textwrap.dedent("""
 
 
 def start_writer(run, shard, count, pause):
-    return subprocess.Popen([sys.executable, "-c", WRITER, str(run), shard or "", str(count), str(pause)],
+    return subprocess.Popen([sys.executable, "-c", WRITER, str(run), shard or "", str(count), str(pause), results.__file__],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
 
