@@ -28,11 +28,11 @@ from ropelab.spec import parse_int_with_suffix
 
 from .checks import check_depths, check_int
 from .data import check_source
-from .models import check_model_name
+from .models import check_dtype, check_model_name
 from .protocols import Protocol
 from .protocols import get as get_protocol
 from .protocols import names as protocol_names
-from .results import check_out
+from .results import check_can_write
 
 
 class BadInput(ValueError):
@@ -101,10 +101,11 @@ def checked(flag: str, check, *args):
         raise BadInput(f"{flag}: {exc}") from None
 
 
-def check_common(args) -> None:
-    """What every model-running command checks before loading the model."""
+def check_common(args, kind: str) -> None:
+    """What every model-running command checks before loading the model (nothing is created)."""
     checked("--model", check_model_name, args.model)
-    checked("--out", check_out, args.out)
+    checked("--dtype", check_dtype, args.dtype)
+    checked("--out", check_can_write, args.out, kind)
 
 
 def _load(args):
@@ -182,7 +183,7 @@ def cmd_eval(args) -> int:
     data = checked("--data", check_source, args.data)
     protocol = checked("--protocol", Protocol, args.protocol, window, args.targets, args.stride, data, args.short)
     checked("--lengths", protocol.check_lengths, lengths)
-    check_common(args)
+    check_common(args, "perplexity")
     model, tokenizer, source = _load(args)
     records = perplexity(model, tokenizer, args.data, methods, lengths, protocol=protocol,
                          num_documents=args.documents, out=args.out, model_source=source, chunk=args.chunk,
@@ -196,7 +197,7 @@ def cmd_sweep_default(args) -> int:
     lengths = parse_lengths(args.lengths)
     methods = parse_methods(args.methods) if args.methods else None
     checked("--lengths", Protocol("fixed-target", window=max(lengths), targets=args.targets).check_lengths, lengths)
-    check_common(args)
+    check_common(args, "perplexity")
     return _finish(args.out, run_default_sweep(args.out, model=args.model, lengths=lengths, methods=methods,
                                                targets=args.targets, progress=not args.quiet, dtype=args.dtype))
 
@@ -208,7 +209,7 @@ def cmd_passkey(args) -> int:
     lengths = parse_lengths(args.lengths)
     depths = checked("--depths", check_depths, parse_floats(args.depths, "--depths"))
     checked("--trials", check_int, "trials", args.trials)
-    check_common(args)
+    check_common(args, "passkey")
     model, tokenizer, source = _load(args)
     records = passkey(model, tokenizer, methods, lengths, depths, args.trials, seed=args.seed, out=args.out,
                       model_source=source, progress=not args.quiet)
@@ -242,7 +243,7 @@ def cmd_lm_eval(args) -> int:
     passkey_lengths = parse_lengths(args.passkey_lengths, "--passkey-lengths")
     if args.include_path is not None and not os.path.isdir(args.include_path):
         raise BadInput(f"--include-path: include_path={args.include_path!r}: not a directory")
-    check_common(args)
+    check_common(args, "lm-eval")
     require_lm_eval()
     model, tokenizer, source = _load(args)
     include = args.include_path

@@ -69,6 +69,31 @@ def check_out(out) -> Path:
     return path
 
 
+def check_can_write(out, kind: str, shard: str | None = None) -> None:
+    """Refuse early (before a model loads) what opening a writer would refuse: an unusable `out`,
+    a file another process is writing, a file of another schema. Creates and changes nothing."""
+    run = check_out(out)
+    name = file_name(kind, shard)
+    lock = run / f".{name}.lock"
+    if lock.exists():
+        fd = os.open(lock, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released by the close below
+        except BlockingIOError:
+            raise RunLocked(
+                f"out={str(out)!r}: another ropelab process is writing this run ({lock.name} is locked); "
+                "wait for it to finish or use another --out"
+            ) from None
+        finally:
+            os.close(fd)
+    if (run / name).exists() and schema_of(read_file(run / name).header) != SCHEMA:
+        raise ValueError(
+            f"out={str(out)!r}: {name} was written with result schema {schema_of(read_file(run / name).header)} "
+            f"and this ropelab writes schema {SCHEMA}; it is not resumed or run again. Its results stay "
+            "readable (`ropelab plot`); use a new --out"
+        )
+
+
 @dataclass
 class FileContents:
     """What one result file holds, as read (nothing repaired)."""

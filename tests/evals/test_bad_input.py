@@ -188,9 +188,9 @@ def test_a_different_protocol_in_an_existing_run(existing_run, model_dir, capsys
     assert snapshot(run) == before
 
 
-def test_a_held_lock_is_refused_naming_out(existing_run, model_dir, capsys):
+def test_a_held_lock_is_refused_naming_out(existing_run, model_dir, no_load, capsys):
     run, docs = existing_run
-    with ResultStore(run, "perplexity"):  # another writer holds results.jsonl
+    with ResultStore(run, "perplexity"):  # another writer holds results.jsonl: refused before loading
         before = snapshot(run)
         rc, err = run_cli(["eval", "--model", str(model_dir), "--data", str(docs), "--lengths", "32,64",
                            "--targets", "16", "--quiet", "--out", str(run)], capsys)
@@ -268,7 +268,7 @@ def test_store_and_protocol_refusals(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_an_older_schema_is_refused_not_rerun(tmp_path, model, tokenizer, docs48):
+def test_an_older_schema_is_refused_not_rerun(tmp_path, model, tokenizer, docs48, model_dir, no_load, capsys):
     run = tmp_path / "old"
     run.mkdir()
     header = {"type": "protocol", "kind": "perplexity", "model": "model", "name": "fixed-target"}  # no schema: 1
@@ -280,6 +280,9 @@ def test_an_older_schema_is_refused_not_rerun(tmp_path, model, tokenizer, docs48
         perplexity(model, tokenizer, docs48, ["rope"], [16, 32], targets=8, out=run, apply_method=unpatched,
                    progress=False)
     assert snapshot(run) == before
+    rc, err = run_cli(["eval", "--model", str(model_dir), "--lengths", "16,32", "--targets", "8", "--out", str(run)],
+                      capsys)  # the CLI refuses it before loading the model
+    assert rc == 2 and "--out" in err and "schema 1" in err and snapshot(run) == before
     from ropelab.evals.summary import load, table
 
     header_read, records = load(run)  # still readable
