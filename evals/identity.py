@@ -5,7 +5,10 @@ Sources (a loader says where the weights came from; see `models.load_model`):
 - `{"kind": "hub", "id": "org/name", "revision": ..., "commit": ...}`: a hub snapshot;
 - `{"kind": "local", "path": folder}`: a save_pretrained folder, identified by its resolved
   path plus `fingerprint(folder)`;
-- `{"kind": "named", "name": ...}`: a model object handed to the Python API, named by the caller.
+- `{"kind": "named", "name": ...}`: a model object handed to the Python API, named by the
+  caller and fingerprinted in memory by `weights_fingerprint(model)`: sha256 over every
+  parameter's name, shape, dtype and first 256 values, so two different models given the
+  same name (or the default name) still differ.
 
 The dtype and the attention implementation are part of the identity (they change the numbers);
 the device placement is not. `identity_key` is the text used in job keys and headers, so
@@ -76,6 +79,18 @@ def fingerprint(folder) -> str:
     return digest.hexdigest()
 
 
+def weights_fingerprint(model) -> str:
+    """sha256 (hex) over each parameter's name, shape, dtype and first 256 values (a few KB per tensor)."""
+    import torch
+
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            digest.update(f"{name} {tuple(param.shape)} {param.dtype}\n".encode())
+            digest.update(param.detach().reshape(-1)[:256].to("cpu", torch.float64).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def _attention(model) -> str | None:
     config = getattr(model, "config", None)
     # transformers keeps the chosen implementation on the config (eager, sdpa, flash_attention_2, ...)
@@ -107,6 +122,8 @@ def model_identity(model, source: dict | str) -> dict:
         if not source.get("name") or not isinstance(source["name"], str):
             raise ValueError(f"model_source={source!r}: needs a non-empty name")
         identity["name"] = source["name"]
+        if kind == "named":
+            identity["weights"] = weights_fingerprint(model)
     identity.update(dtype=_dtype(model), attention=_attention(model))
     return identity
 

@@ -44,13 +44,21 @@ def test_fingerprint_sees_the_weights_not_the_place(tmp_path, tokenizer):
 def test_dtype_and_attention_are_part_of_it_device_is_not(tokenizer):
     model = make_llama(len(tokenizer))
     fp32 = model_identity(model, "tiny")
-    assert fp32 == {"kind": "named", "name": "tiny", "dtype": "float32", "attention": fp32["attention"]}
+    assert fp32 == {"kind": "named", "name": "tiny", "dtype": "float32", "attention": fp32["attention"],
+                    "weights": fp32["weights"]}
     assert fp32["attention"] is not None
     bf16 = model_identity(make_llama(len(tokenizer)).to(torch.bfloat16), "tiny")
     assert identity_key(bf16) != identity_key(fp32) and display_name(bf16) == "tiny@bfloat16"
-    eager = model_identity(make_llama(len(tokenizer), attn_implementation="eager"), "tiny")
-    assert eager["attention"] == "eager" and identity_key(eager) != identity_key(fp32) or fp32["attention"] == "eager"
+    eager = make_llama(len(tokenizer))
+    eager.config._attn_implementation = "eager"  # what from_pretrained(attn_implementation="eager") sets
+    assert fp32["attention"] == "sdpa" and model_identity(eager, "tiny")["attention"] == "eager"
     assert "device" not in fp32
+
+
+def test_the_python_api_default_name_still_tells_weights_apart(tokenizer):
+    a, b = make_llama(len(tokenizer), seed=0), make_llama(len(tokenizer), seed=1)
+    assert identity_key(model_identity(a, "model")) != identity_key(model_identity(b, "model"))
+    assert identity_key(model_identity(a, "model")) == identity_key(model_identity(make_llama(len(tokenizer)), "model"))
 
 
 def test_hub_identity_carries_revision_and_commit(tokenizer):
