@@ -222,6 +222,10 @@ def cmd_plot(args) -> int:
 
     if not os.path.isdir(args.run):
         raise BadInput(f"run={args.run!r}: not a directory")
+    from .summary import skipped_lines
+
+    for line in skipped_lines(args.run):
+        print(f"skipped {line}", file=sys.stderr)
     paths = plot_run(args.run)
     report = write_report(args.run)
     if report is None:
