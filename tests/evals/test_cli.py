@@ -91,3 +91,15 @@ def test_stray_lines_are_skipped_and_reported_by_eval_and_plot(model_dir, text_d
     assert main(["plot", str(out)]) == 0
     assert "results.jsonl line 4:" in capsys.readouterr().err
     assert "line 3" in (out / "report.md").read_text()
+
+
+def test_a_relative_and_an_absolute_data_path_are_one_protocol(model_dir, text_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(text_dir.parent)
+    out = tmp_path / "run"
+    argv = ["eval", "--model", str(model_dir), "--lengths", "32", "--targets", "8", "--short", "concatenate",
+            "--out", str(out), "--quiet"]
+    assert main([*argv, "--data", text_dir.name]) == 0
+    lines = (out / "results.jsonl").read_text().splitlines()
+    assert json.loads(lines[0])["data"] == str(text_dir.resolve())
+    assert main([*argv, "--data", str(text_dir)]) == 0  # the same folder: resumed, nothing redone
+    assert (out / "results.jsonl").read_text().splitlines() == lines
