@@ -13,6 +13,7 @@ kind (resumable, locked). lm-eval is optional: `pip install 'ropelab[lmeval]'`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from pathlib import Path
@@ -111,15 +112,10 @@ def run_lm_eval(model, tokenizer, tasks, *, method=None, include_path=None, limi
     manager = TaskManager(include_path=str(include_path) if include_path else None, include_defaults=defaults)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, max_length=max_length, batch_size=batch_size,
               device=str(model.device))
-    context = None
-    if method is not None:
-        context = (apply_method or default_apply_method)(model, ropelab.parse_method(method))
-        context.__enter__()
-    try:
+    with contextlib.ExitStack() as stack:
+        if method is not None:
+            stack.enter_context((apply_method or default_apply_method)(model, ropelab.parse_method(method)))
         return simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, log_samples=log_samples)
-    finally:
-        if context is not None:
-            context.__exit__(None, None, None)
 
 
 def lm_eval_run(model, tokenizer, tasks, methods=("rope",), *, out=None, model_id: str = "model",
