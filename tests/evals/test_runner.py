@@ -98,3 +98,12 @@ def test_passkey_duplicates_and_single_items(model, tokenizer):
     apply = Counting()
     records = passkey(model, tokenizer, "rope", 256, depths=0.5, apply_method=apply, progress=False)
     assert len(records) == 1 and records[0]["method"] == "rope" and apply.events == [("enter", "rope"), ("exit", "rope")]
+
+
+def test_a_score_over_no_token_is_an_error(model, tokenizer, docs, monkeypatch):
+    from ropelab.evals import protocols
+
+    monkeypatch.setattr(protocols.FixedTarget, "losses", lambda self, settings, model_, ids, n, chunk: ([], [], 1))
+    (r,) = perplexity(model, tokenizer, docs, ["rope"], [16], targets=8,
+                      apply_method=lambda m, _: contextlib.nullcontext(m), progress=False)
+    assert r["status"] == "error" and "scored no token" in r["error"]
