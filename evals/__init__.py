@@ -5,31 +5,37 @@
     ...                      protocol="fixed-target", targets=2048, out="runs/demo")
     >>> plot_run("runs/demo"); write_report("runs/demo")
 
-Files: data.py (corpora), losses.py (chunked LM-head losses), perplexity.py (the three
-protocols, the resumable sweep), results.py (append-only JSONL), passkey.py, lmeval.py
+Files: runner.py (the one job runner every eval kind uses), results.py (the locked,
+schema-versioned result store), protocols.py (the registered perplexity protocols),
+identity.py (a model's identity: names the weights), checks.py (input checks), data.py
+(corpora), losses.py (chunked LM-head losses), perplexity.py, passkey.py, lmeval.py
 (lm-evaluation-harness bridge, optional), summary.py / plots.py / report.py (drawn from the
-result files alone), sweep.py (the main job and its budget), cli.py (`ropelab`).
+result files alone), sweep.py (the main job), cli.py (`ropelab`).
 """
 
 from .data import Document, TokenizedDocument, iter_documents, select_documents
 from .losses import token_losses
 from .passkey import make_prompt, passkey
-from .perplexity import PROTOCOLS, Protocol, perplexity
+from .perplexity import PROTOCOLS, perplexity
 from .plots import plot_run
+from .protocols import Protocol
 from .report import write_report
-from .results import ResultStore
+from .results import SCHEMA, ResultStore, RunLocked, read_run
 
 __all__ = [
     "PROTOCOLS",
     "Document",
     "Protocol",
     "ResultStore",
+    "RunLocked",
+    "SCHEMA",
     "TokenizedDocument",
     "iter_documents",
     "make_prompt",
     "passkey",
     "perplexity",
     "plot_run",
+    "read_run",
     "select_documents",
     "token_losses",
     "write_report",

@@ -8,8 +8,10 @@
     ropelab plot runs/demo                            figures and report.md from the files
     ropelab lm-eval --method ntk:scale=2 --tasks ropelab_passkey --limit 4
 
-Exit codes: 0 ok; 1 a runtime failure (including jobs recorded as failed); 2 bad input
-(reported in one line, no traceback; set ROPELAB_DEBUG=1 for the traceback).
+Exit codes: 0 ok; 1 a runtime failure (including jobs recorded as failed); 2 bad input,
+including an --out that another ropelab process is writing (reported in one line, no
+traceback; set ROPELAB_DEBUG=1 for the traceback). Bad input that needs no model is refused
+before the model loads, and a refused run leaves --out as it found it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,14 @@ import traceback
 
 import ropelab
 from ropelab.spec import parse_int_with_suffix
+
+from .checks import check_depths, check_int
+from .data import check_source
+from .models import check_dtype, check_model_name
+from .protocols import Protocol
+from .protocols import get as get_protocol
+from .protocols import names as protocol_names
+from .results import check_can_write
 
 
 class BadInput(ValueError):
@@ -53,15 +63,17 @@ def split_methods(text: str) -> list[str]:
 
 
 def parse_methods(texts: list[str]) -> list[str]:
+    """Split, validate and deduplicate by canonical spec (`--methods rope --methods rope` runs once)."""
     specs = [m for text in texts for m in split_methods(text)]
+    canonical = []
     for spec in specs:
         try:
-            ropelab.parse_method(spec)
+            canonical.append(ropelab.parse_method(spec).spec())
         except (ValueError, TypeError) as exc:
             raise BadInput(f"--methods {spec!r}: {exc}") from None
-    if not specs:
+    if not canonical:
         raise BadInput("--methods: give at least one method (see `ropelab methods`)")
-    return specs
+    return list(dict.fromkeys(canonical))
 
 
 def parse_lengths(text: str, flag: str = "--lengths") -> list[int]:
@@ -81,6 +93,21 @@ def parse_floats(text: str, flag: str) -> list[float]:
         raise BadInput(f"{flag} {text!r}: expected numbers like 0.1,0.5,0.9") from None
 
 
+def checked(flag: str, check, *args):
+    """`check(*args)`, its ValueError turned into BadInput naming the command-line flag."""
+    try:
+        return check(*args)
+    except ValueError as exc:
+        raise BadInput(f"{flag}: {exc}") from None
+
+
+def check_common(args, kind: str) -> None:
+    """What every model-running command checks before loading the model (nothing is created)."""
+    checked("--model", check_model_name, args.model)
+    checked("--dtype", check_dtype, args.dtype)
+    checked("--out", check_can_write, args.out, kind)
+
+
 def _load(args):
     from .models import load_model
 
@@ -91,7 +118,10 @@ def _load(args):
 def _finish(out, records) -> int:
     from .plots import plot_run
     from .report import print_loss_table, write_report
+    from .summary import skipped_lines
 
+    for line in skipped_lines(out):
+        print(f"skipped {line}", file=sys.stderr)
     plot_run(out)
     report = write_report(out)
     print_loss_table(out)
@@ -143,17 +173,20 @@ def cmd_info(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .perplexity import Protocol, perplexity
+    from .perplexity import perplexity
 
     methods = parse_methods(args.methods or ["rope"])
     lengths = parse_lengths(args.lengths)
     window = parse_lengths(args.window, "--window")[0] if args.window else max(lengths)
-    protocol = Protocol(args.protocol, window=window, targets=args.targets, stride=args.stride,
-                        data=args.data, short=args.short)
-    protocol.check_lengths(lengths)
-    model, tokenizer, model_id = _load(args)
+    checked("--documents", check_int, "documents", args.documents)
+    checked("--chunk", check_int, "chunk", args.chunk)
+    data = checked("--data", check_source, args.data)
+    protocol = checked("--protocol", Protocol, args.protocol, window, args.targets, args.stride, data, args.short)
+    checked("--lengths", protocol.check_lengths, lengths)
+    check_common(args, "perplexity")
+    model, tokenizer, source = _load(args)
     records = perplexity(model, tokenizer, args.data, methods, lengths, protocol=protocol,
-                         num_documents=args.documents, out=args.out, model_id=model_id, chunk=args.chunk,
+                         num_documents=args.documents, out=args.out, model_source=source, chunk=args.chunk,
                          progress=not args.quiet)
     return _finish(args.out, records)
 
@@ -163,6 +196,8 @@ def cmd_sweep_default(args) -> int:
 
     lengths = parse_lengths(args.lengths)
     methods = parse_methods(args.methods) if args.methods else None
+    checked("--lengths", Protocol("fixed-target", window=max(lengths), targets=args.targets).check_lengths, lengths)
+    check_common(args, "perplexity")
     return _finish(args.out, run_default_sweep(args.out, model=args.model, lengths=lengths, methods=methods,
                                                targets=args.targets, progress=not args.quiet, dtype=args.dtype))
 
@@ -172,10 +207,12 @@ def cmd_passkey(args) -> int:
 
     methods = parse_methods(args.methods or ["rope"])
     lengths = parse_lengths(args.lengths)
-    depths = parse_floats(args.depths, "--depths")
-    model, tokenizer, model_id = _load(args)
+    depths = checked("--depths", check_depths, parse_floats(args.depths, "--depths"))
+    checked("--trials", check_int, "trials", args.trials)
+    check_common(args, "passkey")
+    model, tokenizer, source = _load(args)
     records = passkey(model, tokenizer, methods, lengths, depths, args.trials, seed=args.seed, out=args.out,
-                      model_id=model_id, progress=not args.quiet)
+                      model_source=source, progress=not args.quiet)
     return _finish(args.out, records)
 
 
@@ -185,6 +222,10 @@ def cmd_plot(args) -> int:
 
     if not os.path.isdir(args.run):
         raise BadInput(f"run={args.run!r}: not a directory")
+    from .summary import skipped_lines
+
+    for line in skipped_lines(args.run):
+        print(f"skipped {line}", file=sys.stderr)
     paths = plot_run(args.run)
     report = write_report(args.run)
     if report is None:
@@ -195,62 +236,76 @@ def cmd_plot(args) -> int:
 
 
 def cmd_lm_eval(args) -> int:
-    from .lmeval import PASSKEY_TASK, require_lm_eval, run_lm_eval, write_passkey_task
+    from .lmeval import PASSKEY_TASK, lm_eval_run, require_lm_eval, write_passkey_task
 
-    require_lm_eval()
     method = parse_methods([args.method])[0]
     tasks = [t for t in args.tasks.split(",") if t.strip()]
-    model, tokenizer, model_id = _load(args)
+    if not tasks:
+        raise BadInput(f"--tasks {args.tasks!r}: give at least one lm-eval task name")
+    if args.limit is not None and args.limit <= 0:
+        raise BadInput(f"--limit: limit={args.limit!r}: must be > 0 (>= 1: examples per task; < 1: a fraction)")
+    passkey_lengths = parse_lengths(args.passkey_lengths, "--passkey-lengths")
+    if args.include_path is not None and not os.path.isdir(args.include_path):
+        raise BadInput(f"--include-path: include_path={args.include_path!r}: not a directory")
+    check_common(args, "lm-eval")
+    require_lm_eval()
+    model, tokenizer, source = _load(args)
     include = args.include_path
     if PASSKEY_TASK in tasks and include is None:
-        include = write_passkey_task(os.path.join(args.out, "tasks"), tokenizer,
-                                     parse_lengths(args.passkey_lengths, "--passkey-lengths"))
+        include = write_passkey_task(os.path.join(args.out, "tasks"), tokenizer, passkey_lengths)
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit  # < 1: a fraction
-    result = run_lm_eval(model, tokenizer, tasks, method=method, include_path=include, limit=limit,
-                         max_length=args.max_length)
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "lm_eval.json")
+    records = lm_eval_run(model, tokenizer, tasks, [method], out=args.out, model_source=source,
+                          include_path=include, limit=limit, max_length=args.max_length, progress=not args.quiet)
+    results = {r["task"]: r.get("results", {}) for r in records if r.get("status") == "ok"}
+    path = os.path.join(args.out, "lm_eval.json")  # a summary of lm_eval.jsonl, rewritten each run
     with open(path, "w") as f:
-        json.dump({"model": model_id, "method": method, "limit": args.limit, "results": result["results"]},
-                  f, indent=2, default=str)
-    print(json.dumps(result["results"], indent=2, default=str))
+        json.dump({"model": records[0]["model"] if records else None, "method": method, "limit": args.limit,
+                   "results": results}, f, indent=2, default=str)
+    print(json.dumps(results, indent=2, default=str))
     print(f"written: {path}", file=sys.stderr)
-    return 0
+    failed = [r for r in records if r.get("status") == "error"]
+    for r in failed:
+        print(f"task {r['task']} failed: {r['error'][:200]}", file=sys.stderr)
+    return 1 if failed else 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ropelab", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="Exit codes: 0 ok, 1 runtime failure, 2 bad input.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def _common(p, methods=True, out_default=None):
+    p.add_argument("--model", default="default",
+                   help="'default' (smollm2-135m), 'gemma3-270m', or a local save_pretrained folder")
+    if methods:
+        p.add_argument("--methods", action="append",
+                       help="comma-separated specs name:key=value,... (repeatable; default rope; duplicates run "
+                       "once); see `ropelab methods`")
+    p.add_argument("--out", default=out_default, required=out_default is None,
+                   help="run directory (resumable; one writer at a time, a second is refused)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="model precision (float32: exact; bfloat16: ~20%% faster on CPU; part of the model identity)")
 
-    def add(name, func, help_text):
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        p.set_defaults(func=func)
-        return p
 
-    def common(p, methods=True, out_default=None):
-        p.add_argument("--model", default="default",
-                       help="'default' (smollm2-135m), 'gemma3-270m', or a local save_pretrained folder")
-        if methods:
-            p.add_argument("--methods", action="append",
-                           help="comma-separated specs name:key=value,... (repeatable; default rope); "
-                           "see `ropelab methods`")
-        p.add_argument("--out", default=out_default, required=out_default is None, help="run directory (resumable)")
-        p.add_argument("--quiet", action="store_true", help="no progress bars")
-        p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                       help="model precision (float32: exact; bfloat16: ~20%% faster on CPU; recorded in the model id)")
+def _add(subparsers, name, func, help_text):
+    p = subparsers.add_parser(name, help=help_text, description=help_text)
+    p.set_defaults(func=func)
+    return p
 
-    add("methods", cmd_methods, "list the position methods and their parameters")
-    add("info", cmd_info, "versions, default models and optional components")
 
-    p = add("eval", cmd_eval, "perplexity versus context length (resumable JSONL, plots, report)")
-    common(p)
+def add_methods(subparsers):
+    _add(subparsers, "methods", cmd_methods, "list the position methods and their parameters")
+
+
+def add_info(subparsers):
+    _add(subparsers, "info", cmd_info, "versions, default models and optional components")
+
+
+def add_eval(subparsers):
+    p = _add(subparsers, "eval", cmd_eval, "perplexity versus context length (resumable JSONL, plots, report)")
+    _common(p)
     p.add_argument("--data", default="stdlib", help="'stdlib', a text file, a folder, or hf:NAME[:CONFIG[:SPLIT]]")
     p.add_argument("--lengths", default="2k,4k,8k", help="context lengths N, e.g. 4k,8k,16k")
-    p.add_argument("--protocol", default="fixed-target", choices=["fixed-target", "position", "sliding"])
+    p.add_argument("--protocol", default="fixed-target", choices=protocol_names(),
+                   help="; ".join(f"{n}: {get_protocol(n).description}" for n in protocol_names()))
     p.add_argument("--targets", type=int, default=1024, help="K: scored tokens under fixed-target")
-    p.add_argument("--stride", type=int, default=512, help="window stride under sliding")
+    p.add_argument("--stride", type=int, default=512, help="window stride under sliding (must be < every length)")
     p.add_argument("--documents", type=int, default=1, help="number of documents")
     p.add_argument("--window", default=None, help="tokens per document W (default: the largest length; "
                    "give more for --protocol sliding)")
@@ -258,32 +313,54 @@ def build_parser() -> argparse.ArgumentParser:
                    help="documents shorter than the largest length: skip them or join consecutive ones")
     p.add_argument("--chunk", type=int, default=1024, help="LM-head rows per chunk (memory only)")
 
-    p = add("sweep-default", cmd_sweep_default,
-            "the main job: SmolLM2-135M (bf16) on stdlib, 7 methods at 2x training length, plot and table (~14 min)")
-    common(p, out_default="runs/default")
+
+def add_sweep_default(subparsers):
+    p = _add(subparsers, "sweep-default", cmd_sweep_default,
+             "the main job: SmolLM2-135M (bf16) on stdlib, 7 methods at 2x training length, plot and table (~14 min)")
+    _common(p, out_default="runs/default")
     p.add_argument("--lengths", default="4k,16k", help="context lengths (budget: see ropelab.evals.sweep)")
     # bf16 keeps the main job inside 15 minutes on 2 cores (13.6 min measured; float32 16.9 min)
     p.set_defaults(dtype="bfloat16")
     p.add_argument("--targets", type=int, default=2048, help="K: the fixed scored tokens")
 
-    p = add("passkey", cmd_passkey, "passkey retrieval accuracy by length and depth (greedy)")
-    common(p)
+
+def add_passkey(subparsers):
+    p = _add(subparsers, "passkey", cmd_passkey, "passkey retrieval accuracy by length and depth (greedy)")
+    _common(p)
     p.add_argument("--lengths", default="1k,2k,4k")
     p.add_argument("--depths", default="0.1,0.5,0.9", help="fractions of the filler before the key")
-    p.add_argument("--trials", type=int, default=1)
+    p.add_argument("--trials", type=int, default=1, help="trials per length and depth (>= 1)")
     p.add_argument("--seed", type=int, default=0)
 
-    p = add("plot", cmd_plot, "draw figures (PNG, SVG) and report.md from a run directory's files")
+
+def add_plot(subparsers):
+    p = _add(subparsers, "plot", cmd_plot, "draw figures (PNG, SVG) and report.md from a run directory's files")
     p.add_argument("run", help="run directory")
 
-    p = add("lm-eval", cmd_lm_eval, "run lm-evaluation-harness tasks on a patched model (needs ropelab[lmeval])")
-    common(p, methods=False, out_default="runs/lm-eval")
+
+def add_lm_eval(subparsers):
+    p = _add(subparsers, "lm-eval", cmd_lm_eval,
+             "run lm-evaluation-harness tasks on a patched model (needs ropelab[lmeval])")
+    _common(p, methods=False, out_default="runs/lm-eval")
     p.add_argument("--method", default="rope", help="one method spec")
     p.add_argument("--tasks", default="ropelab_passkey", help="comma-separated lm-eval task names")
     p.add_argument("--include-path", default=None, help="folder of local task YAMLs")
     p.add_argument("--limit", type=float, default=None, help="examples per task (for quick checks)")
     p.add_argument("--max-length", type=int, default=None, help="HFLM max_length")
     p.add_argument("--passkey-lengths", default="1k,2k", help="lengths of the generated passkey task")
+
+
+# Each entry adds one subcommand: `add(subparsers)`. A new eval kind appends its own here.
+SUBCOMMANDS = [add_methods, add_info, add_eval, add_sweep_default, add_passkey, add_plot, add_lm_eval]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ropelab", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="Exit codes: 0 ok, 1 runtime failure, 2 bad input.")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in SUBCOMMANDS:
+        add(subparsers)
     return parser
 
 

@@ -2,7 +2,7 @@
 
 Sources (the `--data` text):
 - `stdlib` (default): the Python standard library's own `.py` files, found on every machine
-  with Python (shared/docs/design.md, "The embedded default"). Test and data directories
+  with Python (docs/design.md, "The embedded default"). Test and data directories
   are left out; order is the sorted relative path, so the selection is deterministic for a
   given Python version (the version is recorded with the protocol, and every document id
   carries a hash of its text).
@@ -64,7 +64,11 @@ def iter_documents(source: str):
         return
     path = Path(source)
     if path.is_file():
-        yield _doc(path.name, path.read_text(encoding="utf-8"))
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"data={source!r}: not a UTF-8 text file") from None
+        yield _doc(path.name, text)
     elif path.is_dir():
         for f in sorted(p for p in path.rglob("*") if p.is_file()):
             try:
@@ -76,6 +80,23 @@ def iter_documents(source: str):
         raise ValueError(
             f"data={source!r}: not 'stdlib', an existing file or folder, or 'hf:NAME[:CONFIG[:SPLIT]]'"
         )
+
+
+def check_source(source) -> str:
+    """The `--data` text to record: 'stdlib' and 'hf:...' as given, a file or folder as its resolved path.
+
+    ValueError (naming `data`) when it is none of these; reads nothing but the path's kind.
+    """
+    if not isinstance(source, str) or not source:
+        raise ValueError(f"data={source!r}: must be 'stdlib', a file or folder, or 'hf:NAME[:CONFIG[:SPLIT]]'")
+    if source == "stdlib" or source.startswith("hf:"):
+        return source
+    path = Path(source)
+    if not (path.is_file() or path.is_dir()):
+        raise ValueError(
+            f"data={source!r}: not 'stdlib', an existing file or folder, or 'hf:NAME[:CONFIG[:SPLIT]]'"
+        )
+    return str(path.resolve())
 
 
 def _hf_documents(source: str):

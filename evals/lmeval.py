@@ -6,17 +6,24 @@ task_manager=TaskManager(include_path=DIR))` finds local tasks. The passkey test
 such a local task, written with its data by `write_passkey_task` (`dataset_path: json`,
 `generate_until`, a regex filter for the 5 digits), so it runs with no download.
 
-lm-eval is optional: `pip install 'ropelab[lmeval]'`.
+`lm_eval_run` runs tasks on the one runner (`runner.py`): a job is one task at one setting
+(method, limit, max_length, include path), recorded in `lm_eval.jsonl` like every other eval
+kind (resumable, locked). lm-eval is optional: `pip install 'ropelab[lmeval]'`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from pathlib import Path
 
-from .models import default_apply_method
+from .checks import as_list
+from .identity import display_name, identity_key, model_identity
+from .models import default_apply_method, environment
 from .passkey import make_prompt
+from .results import ResultStore, check_out
+from .runner import Job, canonical_methods, run_jobs
 
 PASSKEY_TASK = "ropelab_passkey"
 
@@ -105,12 +112,40 @@ def run_lm_eval(model, tokenizer, tasks, *, method=None, include_path=None, limi
     manager = TaskManager(include_path=str(include_path) if include_path else None, include_defaults=defaults)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, max_length=max_length, batch_size=batch_size,
               device=str(model.device))
-    context = None
-    if method is not None:
-        context = (apply_method or default_apply_method)(model, ropelab.parse_method(method))
-        context.__enter__()
-    try:
+    with contextlib.ExitStack() as stack:
+        if method is not None:
+            stack.enter_context((apply_method or default_apply_method)(model, ropelab.parse_method(method)))
         return simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, log_samples=log_samples)
-    finally:
-        if context is not None:
-            context.__exit__(None, None, None)
+
+
+def lm_eval_run(model, tokenizer, tasks, methods=("rope",), *, out=None, model_id: str = "model",
+                model_source: dict | None = None, include_path=None, limit=None, max_length=None,
+                apply_method=None, progress: bool = True) -> list[dict]:
+    """Run (or resume) every task × method on the runner; records go to `out/lm_eval.jsonl`."""
+    tasks = [t for t in as_list(tasks, "tasks", (str,)) if isinstance(t, str) and t.strip()]
+    if not tasks:
+        raise ValueError("tasks=[]: give at least one lm-eval task name")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit <= 0):
+        raise ValueError(f"limit={limit!r}: must be a number > 0 (>= 1: examples per task; < 1: a fraction)")
+    entries = canonical_methods(methods)
+    if out is not None:
+        check_out(out)
+    require_lm_eval()
+    identity = model_identity(model, model_source or model_id)
+    key = identity_key(identity)
+    params = {"protocol": "lm-eval", "limit": limit, "max_length": max_length,
+              "include_path": str(Path(include_path).resolve()) if include_path else None}
+    header = {"kind": "lm-eval", "model": display_name(identity), "model_identity": identity, "model_key": key,
+              **params, "environment": environment()}
+
+    def execute(method, job):
+        task = job.fields["task"]
+        result = run_lm_eval(model, tokenizer, [task], include_path=include_path, limit=limit, max_length=max_length)
+        return {"results": json.loads(json.dumps(result["results"].get(task, {}), default=str))}
+
+    with ResultStore(out, "lm-eval") as store:
+        store.begin(header)
+        return run_jobs(model, store, entries, lambda entry: [Job({"task": t, "length": max_length or 0}) for t in tasks],
+                        execute, model_key=key, params=params,
+                        base={"type": "lm-eval", "model": display_name(identity), "params": params},
+                        apply_method=apply_method or default_apply_method, desc="lm-eval", progress=progress)

@@ -1,6 +1,6 @@
 """Models for the harness: loading by name or path, the training length, applying a method.
 
-Methods reach a model only through `ropelab.patches` (design.md, "Layers"). The harness
+Methods reach a model only through `ropelab.patches` (docs/design.md, "Layers"). The harness
 takes that step as a parameter, `apply_method(model, method) -> context manager`, so it can
 be tested on an unpatched model; the default is `ropelab.patches.patched`.
 """
@@ -22,21 +22,33 @@ DEFAULT_MODELS = ("smollm2-135m", "gemma3-270m")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def load_model(name: str, dtype: str = "float32"):
-    """(model, tokenizer, model_id) for `default`, an embedded default's name, or a local path.
+def check_model_name(name) -> str:
+    """`name` if it can be loaded (a default's name or an existing folder), else ValueError naming `model`."""
+    if not isinstance(name, str) or not (name == "default" or name in DEFAULT_MODELS or os.path.isdir(name)):
+        raise ValueError(
+            f"model={name!r}: not 'default', one of {', '.join(DEFAULT_MODELS)}, or a local folder "
+            "written by save_pretrained (no model hub is reached)"
+        )
+    return name
 
-    `dtype` is 'float32' (exact; the default) or 'bfloat16' (about 20% faster on this
-    machine's CPU, losses within ~0.003 nats of float32 on SmolLM2 at 16k). A non-float32
-    dtype is part of the model id (`smollm2-135m@bfloat16`), hence of every job key, so
-    results of different precisions never mix in one file.
-    """
+
+def check_dtype(dtype) -> str:
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: must be one of {', '.join(DTYPES)}")
-    model, tokenizer, model_id = _load(name, DTYPES[dtype])
-    return model, tokenizer, model_id if dtype == "float32" else f"{model_id}@{dtype}"
+    return dtype
 
 
-def _load(name: str, dtype: torch.dtype):
+def load_model(name: str, dtype: str = "float32"):
+    """(model, tokenizer, source) for `default`, an embedded default's name, or a local folder.
+
+    `source` says where the weights came from (`{"kind": "embedded", "name": ...}` or
+    `{"kind": "local", "path": ...}`); `identity.model_identity(model, source)` turns it into
+    the identity recorded with the results (with the dtype, so bf16 and fp32 never mix).
+    `dtype` is 'float32' (exact; the default) or 'bfloat16' (about 20% faster on this
+    machine's CPU, losses within ~0.003 nats of float32 on SmolLM2 at 16k).
+    """
+    check_dtype(dtype)
+    check_model_name(name)
     if name == "default":
         name = DEFAULT_MODELS[0]
     if name in DEFAULT_MODELS:
@@ -46,21 +58,16 @@ def _load(name: str, dtype: torch.dtype):
             raise RuntimeError(
                 f"model={name!r}: ropelab.patches.load_default_model is not available in this install"
             ) from None
-        model, tokenizer = load_default_model(name, dtype=dtype)
-        model_id = name
-    elif os.path.isdir(name):
+        model, tokenizer = load_default_model(name, dtype=DTYPES[dtype])
+        source = {"kind": "embedded", "name": name}
+    else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=DTYPES[dtype])
         tokenizer = AutoTokenizer.from_pretrained(name)
-        model_id = os.path.basename(os.path.abspath(name))
-    else:
-        raise ValueError(
-            f"model={name!r}: not 'default', one of {', '.join(DEFAULT_MODELS)}, or a local folder "
-            "written by save_pretrained (no model hub is reached)"
-        )
+        source = {"kind": "local", "path": os.path.realpath(name)}
     model.eval()
-    return model, tokenizer, model_id
+    return model, tokenizer, source
 
 
 def train_length(model) -> int:

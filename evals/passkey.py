@@ -3,8 +3,9 @@ the YaRN paper's passkey test): a random 5-digit key hidden at a chosen depth in
 filler ("The grass is green. The sky is blue. …"), then "What is the pass key?".
 
 Prompts are deterministic for (seed, length, depth, trial). Generation is greedy; a trial is
-correct when the first 5-digit number in the answer equals the key. Results go to
-`passkey.jsonl` in the run directory, resumable like the perplexity results.
+correct when the first 5-digit number in the answer equals the key. The trials run on the
+one runner (`runner.py`) into `passkey.jsonl` in the run directory, resumable and locked
+like the perplexity results.
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ import time
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
-import ropelab
-
+from .identity import display_name, identity_key, model_identity
 from .models import default_apply_method, environment
-from .results import ResultStore, job_key
+from .checks import check_depths, check_int, check_lengths
+from .results import ResultStore, check_out
+from .runner import Job, canonical_methods, run_jobs
+from .summary import group_of, labels
 
 INTRO = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
@@ -81,69 +83,51 @@ def answer(model, tokenizer, prompt: str, max_new_tokens: int = 8) -> str:
 
 
 def passkey(model, tokenizer, methods, lengths, depths=(0.1, 0.5, 0.9), trials: int = 1, *, seed: int = 0,
-            out=None, model_id: str = "model", max_new_tokens: int = 8, apply_method=None,
-            progress: bool = True) -> list[dict]:
-    """Run (or resume) passkey trials for every method × length × depth × trial; return the records."""
-    apply_method = apply_method or default_apply_method
-    store = ResultStore(f"{out}/passkey.jsonl" if out is not None else None)
-    store.set_protocol({"kind": "passkey", "model": model_id, "seed": seed, "max_new_tokens": max_new_tokens,
-                        "filler": FILLER, "needle": NEEDLE, "question": QUESTION, "decoding": "greedy",
-                        "scoring": "first 5-digit number in the answer equals the key", "environment": environment()})
-    params = {"protocol": "passkey", "seed": seed}
+            out=None, model_id: str = "model", model_source: dict | None = None, shard: str | None = None,
+            max_new_tokens: int = 8, apply_method=None, progress: bool = True) -> list[dict]:
+    """Run (or resume) passkey trials for every method × length × depth × trial; return the records.
+
+    Everything is checked (and every prompt built) before anything is written.
+    """
+    lengths = check_lengths(lengths)
+    depths = check_depths(depths)
+    check_int("trials", trials)
+    check_int("max_new_tokens", max_new_tokens)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed={seed!r}: must be an integer")
+    entries = canonical_methods(methods)
+    if out is not None:
+        check_out(out)
+    identity = model_identity(model, model_source or model_id)
     prompts = [make_prompt(tokenizer, n, d, t, seed) for n in lengths for d in depths for t in range(trials)]
-    done = store.done()
-    keyed = []
-    for entry in methods:
-        try:
-            method, error = ropelab.parse_method(entry), None
-        except (ValueError, TypeError) as exc:
-            method, error = None, exc
-        spec = method.spec() if method else str(entry)
-        jobs = [(p, job_key(model_id, spec, params, f"depth={p.depth},trial={p.trial}", p.length)) for p in prompts]
-        keyed.append((spec, method, error, jobs))
-    pending = sum(1 for *_, jobs in keyed for _, k in jobs if k not in done)
-    bar = tqdm(total=pending, desc="passkey", unit="prompt", disable=not progress)
-    for spec, method, error, jobs in keyed:
-        jobs = [(p, k) for p, k in jobs if k not in done]
-        if not jobs:
-            continue
-        context = None
-        if error is None:
-            try:
-                context = apply_method(model, method)
-                context.__enter__()
-            except Exception as exc:
-                error = exc
-        try:
-            for p, k in jobs:
-                bar.set_postfix_str(f"{spec} N={p.length} depth={p.depth}")
-                record = {"type": "passkey", "key": k, "model": model_id, "method": spec, "length": p.length,
-                          "depth": p.depth, "trial": p.trial, "prompt_tokens": p.tokens, "passkey": p.key}
-                if error is not None:
-                    record.update(status="error", error=f"{type(error).__name__}: {error}")
-                else:
-                    try:
-                        start = time.perf_counter()
-                        text = answer(model, tokenizer, p.text, max_new_tokens)
-                        found, correct = score(text, p.key)
-                        record.update(status="ok", answer=text, found=found, correct=correct,
-                                      seconds=time.perf_counter() - start)
-                    except Exception as exc:  # recorded; the sweep goes on
-                        record.update(status="error", error=f"{type(exc).__name__}: {exc}")
-                store.append(record)
-                bar.update()
-        finally:
-            if context is not None:
-                context.__exit__(None, None, None)
-    bar.close()
-    wanted = {k for *_, jobs in keyed for _, k in jobs}
-    return [r for r in store.latest() if r.get("key") in wanted]
+    key, params = identity_key(identity), {"protocol": "passkey", "seed": seed, "max_new_tokens": max_new_tokens}
+    header = {"kind": "passkey", "model": display_name(identity), "model_identity": identity, "model_key": key,
+              "seed": seed, "max_new_tokens": max_new_tokens, "filler": FILLER, "needle": NEEDLE,
+              "question": QUESTION, "decoding": "greedy", "scoring": "first 5-digit number in the answer equals the key",
+              "environment": environment()}
+
+    def make_jobs(entry):
+        return [Job({"document": f"depth={p.depth},trial={p.trial}", "length": p.length, "depth": p.depth,
+                     "trial": p.trial}, p, {"prompt_tokens": p.tokens, "passkey": p.key}) for p in prompts]
+
+    def execute(method, job):
+        start = time.perf_counter()
+        text = answer(model, tokenizer, job.payload.text, max_new_tokens)
+        found, correct = score(text, job.payload.key)
+        return {"answer": text, "found": found, "correct": correct, "seconds": time.perf_counter() - start}
+
+    with ResultStore(out, "passkey", shard) as store:
+        store.begin(header)
+        return run_jobs(model, store, entries, make_jobs, execute, model_key=key, params=params,
+                        base={"type": "passkey", "model": display_name(identity), "params": params},
+                        apply_method=apply_method or default_apply_method, desc="passkey", progress=progress)
 
 
 def accuracy(records: list[dict]) -> dict[str, dict[tuple[int, float], float]]:
-    """{method: {(length, depth): fraction correct}} over successful trials."""
+    """{row label: {(length, depth): fraction correct}} over successful trials (rows as in summary.labels)."""
+    names = labels(records)
     cells: dict[str, dict[tuple[int, float], list[bool]]] = {}
     for r in records:
         if r.get("status") == "ok":
-            cells.setdefault(r["method"], {}).setdefault((r["length"], r["depth"]), []).append(r["correct"])
+            cells.setdefault(names[group_of(r)], {}).setdefault((r["length"], r["depth"]), []).append(r["correct"])
     return {m: {c: sum(v) / len(v) for c, v in cs.items()} for m, cs in cells.items()}

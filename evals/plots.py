@@ -17,7 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from . import summary  # noqa: E402
+from . import protocols, summary  # noqa: E402
 from .passkey import accuracy  # noqa: E402
 
 
@@ -52,10 +52,8 @@ def loss_vs_context(run_dir, out=None) -> list[Path]:
     lengths = summary.lengths_in(records)
     ax.set_xscale("log", base=2)
     ax.set_xticks(lengths, [_length_label(n) for n in lengths])
-    what = {"fixed-target": f"loss on the last {protocol.get('targets')} tokens",
-            "position": "mean loss over the first N tokens", "sliding": f"sliding-window loss (stride {protocol.get('stride')})"}
     ax.set_xlabel("context length N (tokens)")
-    ax.set_ylabel(f"{what[protocol['name']]} (nats)")
+    ax.set_ylabel(f"{protocols.get(protocol['name']).axis_label(protocol)} (nats)")
     ax.set_title(f"{protocol['model']}: loss versus context ({protocol['name']} protocol, {protocol['data']})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -94,6 +94,9 @@ def write_report(run_dir) -> Path | None:
     if pk_protocol:
         lines += _passkey_section(pk_protocol, pk)
     lines += _failures(ppl + pk)
+    skipped = summary.skipped_lines(run_dir)
+    if skipped:
+        lines += ["## Lines skipped (not records)", ""] + [f"- {s}" for s in skipped] + [""]
     figures = sorted(p.name for p in run_dir.glob("*.png"))
     if figures:
         lines += ["## Figures", ""] + [f"![{f}]({f})" for f in figures] + [""]

