@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import difflib
 import random
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
@@ -73,7 +74,7 @@ class Parts:
 class Task:
     name: str
     description: str
-    build: object  # (rng_seed: str, units: int, depth: float) -> Parts
+    build: Callable[[str, int, float], Parts]  # (seed text, filler units, depth) -> Parts
     max_new_tokens: int  # enough for every expected string
     metric: str = "all"
     uses_depth: bool = True
