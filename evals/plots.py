@@ -1,10 +1,18 @@
-"""Figures drawn from a run directory's result files alone (matplotlib Agg; PNG and SVG).
+"""Figures that compare methods (matplotlib Agg; PNG and SVG).
 
-- `loss_vs_context`: the score per context length, one line per method, the training
-  length marked (the headline curve under the fixed-target protocol);
-- `per_position`: the loss at every position of each method's longest forward, averaged
-  over documents and smoothed by a moving average;
-- `passkey`: accuracy heatmaps, depth × length, one panel per method.
+Each figure has a plain-data builder returning the matplotlib Figure (so tests can read its
+lines, bands and labels) and a run-directory wrapper that reads the result files and saves:
+
+- `loss_figure` / `loss_vs_context`: loss per context length, one line per method with its
+  95% interval as a band (evals/uncertainty.py), the training length marked. When some
+  methods explode (their loss leaves the others' range by more than `ZOOM_MARGIN` nats), a
+  second panel zooms on the rest so their differences stay readable. Prefix-consistent
+  methods under the `position` protocol get a point per bucket of their per-position curve
+  (no extra forward);
+- `difference_figure` / `per_position`: per position, each method's loss minus a reference
+  method's on the same tokens, averaged over buckets of positions, with a paired band, so
+  the content's own swings cancel;
+- `accuracy_heatmap` / `passkey`: task accuracy, depth × length, one panel per method.
 """
 
 from __future__ import annotations
@@ -17,11 +25,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from . import protocols, summary  # noqa: E402
-from .passkey import accuracy  # noqa: E402
+from . import summary  # noqa: E402
+from .uncertainty import loss_interval  # noqa: E402
+
+ZOOM_MARGIN = 0.5  # nats above the best method at some length: such a method is left out of the zoomed panel
+FIGURE_RESAMPLES = 1000  # bands are drawn, not tabulated: half the table's resamples is plenty
 
 
 def _save(fig, out: Path, name: str) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{name}.png", out / f"{name}.svg"]
     for p in paths:
         fig.savefig(p, dpi=120, bbox_inches="tight")
@@ -29,82 +41,258 @@ def _save(fig, out: Path, name: str) -> list[Path]:
     return paths
 
 
-def _mark_train_length(ax, protocol: dict) -> None:
-    if protocol.get("train_length"):
-        ax.axvline(protocol["train_length"], color="grey", ls="--", lw=1, label=f"training length {protocol['train_length']}")
-
-
-def _length_label(n: int) -> str:
+def length_label(n: int) -> str:
     return f"{n // 1024}k" if n % 1024 == 0 and n >= 1024 else str(n)
 
 
-def loss_vs_context(run_dir, out=None) -> list[Path]:
-    protocol, records = summary.load(run_dir)
-    if protocol is None:
-        return []
-    rows = summary.table(protocol, records)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method, row in rows.items():
-        if row:
+def _mark_train_length(ax, train_length: int | None) -> None:
+    if train_length:
+        ax.axvline(train_length, color="grey", ls="--", lw=1, label=f"training length {length_label(train_length)}")
+
+
+def zoom_set(curves: dict[str, dict[int, tuple[float, float, float]]], margin: float = ZOOM_MARGIN) -> list[str]:
+    """Methods whose loss stays within `margin` nats of the best method at every length they share."""
+    best: dict[int, float] = {}
+    for row in curves.values():
+        for n, (mean, _, _) in row.items():
+            best[n] = min(best.get(n, np.inf), mean)
+    return [m for m, row in curves.items() if row and all(mean - best[n] <= margin for n, (mean, _, _) in row.items())]
+
+
+def loss_figure(curves: dict[str, dict[int, tuple[float, float, float]]], *, train_length: int | None = None,
+                ylabel: str = "loss (nats)", title: str = "", margin: float = ZOOM_MARGIN):
+    """curves: {method: {context length: (mean, low, high)}}. Returns the Figure (one or two panels)."""
+    zoomed = zoom_set(curves, margin)
+    two = 0 < len(zoomed) < sum(1 for row in curves.values() if row)
+    fig, axes = plt.subplots(1, 2 if two else 1, figsize=(13 if two else 7, 4.5), squeeze=False)
+    panels = [(axes[0][0], list(curves), "all methods")]
+    if two:
+        panels.append((axes[0][1], zoomed, f"zoom: methods within {margin:g} nats of the best"))
+    colours = {m: f"C{i % 10}" for i, m in enumerate(curves)}
+    lengths = sorted({n for row in curves.values() for n in row})
+    for ax, methods, subtitle in panels:
+        for m in methods:
+            row = curves[m]
+            if not row:
+                continue
             xs = sorted(row)
-            ax.plot(xs, [row[x] for x in xs], marker="o", label=method)
-    _mark_train_length(ax, protocol)
-    lengths = summary.lengths_in(records)
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(lengths, [_length_label(n) for n in lengths])
-    ax.set_xlabel("context length N (tokens)")
-    ax.set_ylabel(f"{protocols.get(protocol['name']).axis_label(protocol)} (nats)")
-    ax.set_title(f"{protocol['model']}: loss versus context ({protocol['name']} protocol, {protocol['data']})")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return _save(fig, Path(out or run_dir), "loss_vs_context")
+            mean, low, high = (np.array([row[x][i] for x in xs]) for i in range(3))
+            ax.plot(xs, mean, marker="o" if len(xs) <= 12 else None, ms=3, color=colours[m], label=m)
+            if np.any(high > low):  # points without an interval (too few tokens) get no band
+                ax.fill_between(xs, low, high, color=colours[m], alpha=0.2, lw=0)
+        _mark_train_length(ax, train_length)
+        ax.set_xscale("log", base=2)
+        ticks = [n for n in lengths if n & (n - 1) == 0] or lengths  # powers of two only: dense curves stay legible
+        ax.set_xticks(ticks, [length_label(n) for n in ticks])
+        ax.set_xlabel("context length N (tokens)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(subtitle, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    if two:  # the zoomed panel's y-range: its methods' bands only
+        ax = panels[1][0]
+        lows = [v[1] for m in zoomed for v in curves[m].values()]
+        highs = [v[2] for m in zoomed for v in curves[m].values()]
+        pad = 0.05 * (max(highs) - min(lows) or 1.0)
+        ax.set_ylim(min(lows) - pad, max(highs) + pad)
+    fig.suptitle(title + "\nbands: 95% bootstrap intervals", fontsize=10)
+    return fig
 
 
-def per_position(run_dir, out=None, smooth: int | None = None) -> list[Path]:
-    protocol, records = summary.load(run_dir)
-    curves = summary.position_curves(records) if protocol else {}
-    if not curves:
-        return []
+def bucket_curve(docs: list[np.ndarray], bucket: int, seed: int = 0):
+    """(centres, mean, low, high) over buckets of `bucket` positions, block-bootstrap bands.
+
+    A bucket too short for an interval (the last one, often) is dropped.
+    """
+    width = min(d.size for d in docs)
+    xs, mean, low, high = [], [], [], []
+    for start in range(0, width, bucket):
+        try:
+            iv = loss_interval([d[start : start + bucket] for d in docs], resamples=FIGURE_RESAMPLES, seed=seed)
+        except ValueError:
+            continue
+        xs.append(start + min(bucket, width - start) / 2 + 1)  # bucket centre, as context length
+        mean.append(iv.mean)
+        low.append(iv.low)
+        high.append(iv.high)
+    return xs, mean, low, high
+
+
+def difference_figure(losses: dict[str, list], reference: str, *, bucket: int = 256, train_length: int | None = None,
+                      title: str = "", seed: int = 0):
+    """losses: {method: per-document per-position loss arrays}, all on the same tokens.
+
+    Plots, per bucket of `bucket` positions, the mean of (method - reference) with a 95%
+    block-bootstrap band over the per-token differences (paired by construction). With the
+    reference alone, its own per-position loss is drawn instead.
+    """
+    if reference not in losses:
+        raise ValueError(f"reference={reference!r}: not among the methods ({', '.join(losses)})")
+    if bucket < 1:
+        raise ValueError(f"bucket={bucket}: must be an integer >= 1 (positions per bucket)")
+    ref = [np.asarray(d, dtype=np.float64) for d in losses[reference]]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method, curve in curves.items():
-        k = smooth or max(1, len(curve) // 64)
-        smoothed = np.convolve(curve, np.ones(k) / k, mode="valid")  # moving average over k positions
-        ax.plot(np.arange(len(smoothed)) + k, smoothed, lw=1.2, label=method)
-    _mark_train_length(ax, protocol)
+    alone = len(losses) == 1
+    if alone:
+        xs, mean, low, high = bucket_curve(ref, bucket, seed)
+        ax.plot(xs, mean, color="C0", lw=1.2, label=reference)
+        ax.fill_between(xs, low, high, color="C0", alpha=0.2, lw=0)
+    else:
+        ax.axhline(0.0, color="black", lw=0.8, label=f"reference: {reference}")
+    for i, (m, docs) in enumerate(losses.items()):
+        if m == reference:
+            continue
+        docs = [np.asarray(d, dtype=np.float64) for d in docs]
+        if [d.size for d in docs] != [d.size for d in ref]:
+            raise ValueError(f"losses[{m!r}]: positions differ from the reference's; the difference needs the same tokens")
+        xs, mean, low, high = bucket_curve([d - r for d, r in zip(docs, ref)], bucket, seed)
+        ax.plot(xs, mean, color=f"C{i % 10}", lw=1.2, label=m)
+        ax.fill_between(xs, low, high, color=f"C{i % 10}", alpha=0.2, lw=0)
+    _mark_train_length(ax, train_length)
     ax.set_xlabel("context length (tokens before the predicted token)")
-    ax.set_ylabel("loss (nats), moving average")
-    ax.set_title(f"{protocol['model']}: per-position loss (each method's longest forward)")
+    what = "loss (nats)" if alone else f"loss minus {reference}'s (nats)"
+    ax.set_ylabel(f"{what}, mean per {bucket} positions")
+    ax.set_title(title + f"\nbands: 95% {'' if alone else 'paired '}block bootstrap", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return _save(fig, Path(out or run_dir), "per_position")
+    ax.legend(fontsize=7)
+    return fig
 
 
-def passkey(run_dir, out=None) -> list[Path]:
-    protocol, records = summary.load(run_dir, "passkey.jsonl")
-    acc = accuracy(records)
-    if not acc:
-        return []
-    fig, axes = plt.subplots(1, len(acc), figsize=(3.2 * len(acc) + 1, 3.4), squeeze=False)
-    for ax, (method, cells) in zip(axes[0], acc.items()):
-        lengths = sorted({n for n, _ in cells})
-        depths = sorted({d for _, d in cells})
+def accuracy_heatmap(cells: dict[str, dict[tuple[int, float], float]], *, title: str = "", what: str = "accuracy"):
+    """cells: {method: {(length, depth): score in [0, 1]}}. One panel per method, depth × length."""
+    if not cells:
+        raise ValueError("cells={}: nothing to draw")
+    fig, axes = plt.subplots(1, len(cells), figsize=(3.2 * len(cells) + 1, 3.4), squeeze=False)
+    for ax, (method, values) in zip(axes[0], cells.items()):
+        lengths = sorted({n for n, _ in values})
+        depths = sorted({d for _, d in values}, key=lambda d: -1 if d is None else d)
         grid = np.full((len(depths), len(lengths)), np.nan)
-        for (n, d), value in cells.items():
+        for (n, d), value in values.items():
             grid[depths.index(d), lengths.index(n)] = value
         image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="lower")
         for (i, j), value in np.ndenumerate(grid):
             if not np.isnan(value):
                 ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8)
-        ax.set_xticks(range(len(lengths)), [_length_label(n) for n in lengths])
-        ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
+        ax.set_xticks(range(len(lengths)), [length_label(n) for n in lengths])
+        ax.set_yticks(range(len(depths)), ["-" if d is None else f"{d:g}" for d in depths])
         ax.set_xlabel("prompt length")
         ax.set_title(method, fontsize=9)
-    axes[0][0].set_ylabel("depth of the key")
-    fig.colorbar(image, ax=axes[0].tolist(), label="accuracy")
-    fig.suptitle(f"{protocol['model']}: passkey retrieval (greedy)")
-    return _save(fig, Path(out or run_dir), "passkey")
+    axes[0][0].set_ylabel("depth of the needle")
+    fig.colorbar(image, ax=axes[0].tolist(), label=what)
+    fig.suptitle(title)
+    return fig
+
+
+# --- run-directory wrappers (today's record format; evals/summary.py) ---------------------------
+
+
+def _protocol_label(protocol: dict) -> str:
+    return {"fixed-target": f"loss on the last {protocol.get('targets')} tokens",
+            "position": "mean loss over the first N tokens",
+            "sliding": f"sliding-window loss (stride {protocol.get('stride')})"}.get(protocol["name"], "loss")
+
+
+def _point(docs: list[np.ndarray], seed: int) -> tuple[float, float, float]:
+    """(mean, low, high); too few tokens for an interval: the point alone (low = high = mean), no band."""
+    try:
+        iv = loss_interval(docs, resamples=FIGURE_RESAMPLES, seed=seed)
+        return iv.mean, iv.low, iv.high
+    except ValueError:
+        mean = float(np.concatenate(docs).mean())
+        return mean, mean, mean
+
+
+def curves_from_records(protocol: dict, records: list[dict], points: int = 24, seed: int = 0):
+    """{method: {length: (mean, low, high)}} with intervals over documents and token blocks.
+
+    fixed-target: each length's target losses. position: for a prefix-consistent method,
+    `points` log-spaced lengths up to its longest forward (every prefix mean is a point, no
+    extra forward); otherwise the lengths it was run at. sliding: the point alone.
+    """
+    out: dict[str, dict[int, tuple[float, float, float]]] = {}
+    for method in summary.methods_in(records):
+        mine = [r for r in records if r["method"] == method and r.get("status") == "ok"]
+        row = {}
+        if protocol["name"] == "position" and mine and all(r.get("prefix_consistent") for r in mine):
+            longest = max(r["length"] for r in mine)
+            docs = [np.asarray(r["losses"]) for r in mine if r["length"] == longest]
+            shortest = min(min(r.get("lengths", [longest])) for r in mine)
+            for n in sorted({int(round(x)) for x in np.geomspace(max(2, shortest), longest, points)}):
+                row[n] = _point([d[: n - 1] for d in docs], seed)
+        else:
+            for n in sorted({r["length"] for r in mine}):
+                here = [r for r in mine if r["length"] == n]
+                if protocol["name"] == "fixed-target":
+                    row[n] = _point([np.asarray(r["losses"][-protocol["targets"]:]) for r in here], seed)
+                elif protocol["name"] == "position":
+                    row[n] = _point([np.asarray(r["losses"][: n - 1]) for r in here], seed)
+                else:
+                    mean = sum(r["loss"] * r["scored_tokens"] for r in here) / sum(r["scored_tokens"] for r in here)
+                    row[n] = (mean, mean, mean)
+        out[method] = row
+    return out
+
+
+def loss_vs_context_figure(protocol: dict, records: list[dict]):
+    return loss_figure(curves_from_records(protocol, records), train_length=protocol.get("train_length"),
+                       ylabel=f"{_protocol_label(protocol)} (nats)",
+                       title=f"{protocol['model']}: loss versus context ({protocol['name']} protocol, {protocol['data']})")
+
+
+def _position_losses(records: list[dict]) -> dict[str, list[np.ndarray]]:
+    """{method: per-document losses of its longest forward}, documents in a fixed order, cut to a common width."""
+    longest: dict[str, int] = {}
+    for r in records:
+        if r.get("status") == "ok" and r.get("protocol") != "sliding":
+            longest[r["method"]] = max(longest.get(r["method"], 0), r["length"])
+    by: dict[str, dict[str, np.ndarray]] = {}
+    for r in records:
+        if r.get("status") == "ok" and longest.get(r["method"]) == r["length"] and r.get("protocol") != "sliding":
+            by.setdefault(r["method"], {})[r["document"]] = np.asarray(r["losses"], dtype=np.float64)
+    shared = sorted(set.intersection(*(set(v) for v in by.values()))) if by else []
+    if not shared:
+        return {}
+    width = min(v[d].size for v in by.values() for d in shared)
+    return {m: [v[d][:width] for d in shared] for m, v in by.items()}
+
+
+def per_position_figure(protocol: dict, records: list[dict], reference: str | None = None, bucket: int | None = None):
+    """The difference figure from each method's longest forward (one method: its own loss); None without data."""
+    losses = _position_losses(records)
+    if not losses:
+        return None
+    reference = reference or ("rope" if "rope" in losses else next(iter(losses)))
+    width = len(next(iter(losses.values()))[0])
+    return difference_figure(losses, reference, bucket=bucket or max(16, width // 64),
+                             train_length=protocol.get("train_length"),
+                             title=f"{protocol['model']}: per-position loss difference (each method's longest forward)")
+
+
+def passkey_figure(protocol: dict, records: list[dict]):
+    cells: dict[str, dict[tuple[int, float], list[bool]]] = {}
+    for r in records:
+        if r.get("status") == "ok":
+            cells.setdefault(r["method"], {}).setdefault((r["length"], r["depth"]), []).append(r["correct"])
+    if not cells:
+        return None
+    acc = {m: {c: sum(v) / len(v) for c, v in cs.items()} for m, cs in cells.items()}
+    return accuracy_heatmap(acc, title=f"{protocol['model']}: passkey retrieval (greedy)")
+
+
+def run_figures(run_dir) -> dict:
+    """{name: Figure} for every figure the run directory's result files allow."""
+    figures = {}
+    protocol, records = summary.load(run_dir)
+    if protocol is not None and records:
+        figures["loss_vs_context"] = loss_vs_context_figure(protocol, records)
+        if (fig := per_position_figure(protocol, records)) is not None:
+            figures["per_position"] = fig
+    protocol, records = summary.load(run_dir, "passkey.jsonl")
+    if protocol is not None and (fig := passkey_figure(protocol, records)) is not None:
+        figures["passkey"] = fig
+    return figures
 
 
 def plot_run(run_dir, out=None) -> list[Path]:
-    """Every figure the run directory's files allow; returns the paths written."""
-    return loss_vs_context(run_dir, out) + per_position(run_dir, out) + passkey(run_dir, out)
+    """Save every figure of `run_figures` as PNG and SVG; returns the paths written."""
+    return [p for name, fig in run_figures(run_dir).items() for p in _save(fig, Path(out or run_dir), name)]

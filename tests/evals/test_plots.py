@@ -1,0 +1,89 @@
+"""Figures are checked for their content: lines, bands, labels, the training-length mark, the zoom."""
+
+import matplotlib.collections as mcoll
+import matplotlib.image as mimage
+import numpy as np
+import pytest
+
+from ropelab.evals.plots import accuracy_heatmap, difference_figure, loss_figure, zoom_set
+
+
+def lines(ax):
+    return {line.get_label(): line for line in ax.get_lines()}
+
+
+def bands(ax):
+    return [c for c in ax.collections if isinstance(c, mcoll.PolyCollection)]
+
+
+CURVES = {
+    "rope": {1024: (2.0, 1.9, 2.1), 4096: (2.1, 2.0, 2.2), 16384: (7.3, 7.1, 7.5)},  # explodes past training
+    "yarn": {1024: (2.05, 1.95, 2.15), 4096: (1.95, 1.9, 2.0), 16384: (1.65, 1.6, 1.7)},
+    "rerope": {1024: (2.0, 1.92, 2.08), 4096: (1.93, 1.88, 1.98), 16384: (1.636, 1.6, 1.67)},
+}
+
+
+def test_loss_figure_zooms_on_the_methods_that_do_not_explode():
+    assert zoom_set(CURVES) == ["yarn", "rerope"]
+    fig = loss_figure(CURVES, train_length=2048, ylabel="loss on the last 2048 tokens (nats)", title="t")
+    full, zoom = fig.axes[:2]
+    assert set(lines(full)) == {"rope", "yarn", "rerope", "training length 2k"}
+    assert set(lines(zoom)) == {"yarn", "rerope", "training length 2k"}
+    assert len(bands(full)) == 3 and len(bands(zoom)) == 2
+    mark = lines(full)["training length 2k"]
+    assert list(mark.get_xdata()) == [2048, 2048]
+    # the zoom's y-range covers its bands and leaves rope's 7.3 out
+    low, high = zoom.get_ylim()
+    assert low < 1.6 and 2.15 <= high < 7.1  # yarn's 2.15 is the zoomed methods' highest bound
+    assert list(lines(zoom)["rerope"].get_ydata()) == [2.0, 1.93, 1.636]
+    assert full.get_ylabel() == "loss on the last 2048 tokens (nats)" and full.get_xlabel().startswith("context length")
+    assert "95%" in fig._suptitle.get_text()
+
+
+def test_band_vertices_are_the_interval_bounds():
+    fig = loss_figure({"a": CURVES["yarn"]})
+    assert len(fig.axes) == 1  # nothing explodes: one panel
+    (band,) = bands(fig.axes[0])
+    ys = band.get_paths()[0].vertices[:, 1]
+    assert min(ys) == pytest.approx(1.6) and max(ys) == pytest.approx(2.15)
+
+
+def test_dense_curve_keeps_its_points():
+    dense = {n: (2.0 - 0.01 * i, 1.9 - 0.01 * i, 2.1 - 0.01 * i) for i, n in enumerate(range(64, 4096, 128))}
+    fig = loss_figure({"ntk": dense}, train_length=1024)
+    assert len(lines(fig.axes[0])["ntk"].get_xdata()) == len(dense) == 32
+
+
+def test_difference_figure_cancels_shared_content():
+    rng = np.random.default_rng(0)
+    content = [np.repeat(rng.normal(3, 1, 32), 64) for _ in range(2)]  # large swings shared by every method
+    losses = {
+        "rope": [c + rng.normal(0, 0.05, c.size) for c in content],
+        "better": [c - 0.2 + rng.normal(0, 0.05, c.size) for c in content],
+    }
+    fig = difference_figure(losses, "rope", bucket=256, train_length=1024)
+    ax = fig.axes[0]
+    ls = lines(ax)
+    assert set(ls) == {"reference: rope", "better", "training length 1k"}
+    y = np.asarray(ls["better"].get_ydata())
+    assert len(y) == 2048 // 256 and np.all(np.abs(y + 0.2) < 0.02)  # noise sd 0.07 per token / sqrt(512 tokens) ~ 0.003
+    assert len(bands(ax)) == 1 and "minus rope" in ax.get_ylabel()
+    with pytest.raises(ValueError, match="reference='yarn'"):
+        difference_figure(losses, "yarn")
+    with pytest.raises(ValueError, match=r"losses\['short'\]"):
+        difference_figure({**losses, "short": [c[:100] for c in content]}, "rope")
+
+
+def test_accuracy_heatmap_cells():
+    cells = {"rope": {(1024, 0.0): 1.0, (1024, 1.0): 0.5, (4096, 0.0): 0.0, (4096, 1.0): 0.0},
+             "yarn": {(1024, 0.0): 1.0, (4096, 1.0): 0.8}}
+    fig = accuracy_heatmap(cells, title="niah-single")
+    panels = [ax for ax in fig.axes if ax.get_title() in cells]
+    assert [ax.get_title() for ax in panels] == ["rope", "yarn"]
+    (image,) = [a for a in panels[0].get_children() if isinstance(a, mimage.AxesImage)]
+    np.testing.assert_array_equal(image.get_array(), [[1.0, 0.0], [0.5, 0.0]])  # rows: depth, columns: length
+    assert [t.get_text() for t in panels[0].get_xticklabels()] == ["1k", "4k"]
+    grid = [a for a in panels[1].get_children() if isinstance(a, mimage.AxesImage)][0].get_array()
+    assert grid.mask[0, 1] and grid[1, 1] == pytest.approx(0.8)  # missing cells stay empty
+    with pytest.raises(ValueError, match="cells"):
+        accuracy_heatmap({})

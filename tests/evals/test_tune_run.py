@@ -1,0 +1,64 @@
+"""`ropelab tune` / `suggest` on a tiny model: evaluations stored as they finish, a rerun resumes, bad input refused first."""
+
+import argparse
+import json
+
+import pytest
+
+from ropelab.evals.tune import Continuous, Grid
+from ropelab.evals.tune_run import add_parser, default_space, parse_param
+
+
+def parser():
+    p = argparse.ArgumentParser()
+    add_parser(p.add_subparsers(dest="command"))
+    return p
+
+
+def test_tune_end_to_end_then_resume(model_dir, text_dir, tmp_path, capsys):
+    out = tmp_path / "tune"
+    argv = ["tune", "--model", str(model_dir), "--method", "ntk", "--target-length", "48", "--targets", "16",
+            "--param", "scale=1:4", "--documents", "1", "--skip-documents", "1", "--data", str(text_dir), "--out", str(out)]
+    args = parser().parse_args(argv)
+    assert args.func(args) == 0
+    lines = (out / "tune.jsonl").read_text().splitlines()
+    protocol, records = json.loads(lines[0]), [json.loads(x) for x in lines[1:]]
+    assert protocol["kind"] == "tune" and protocol["skip_documents"] == 1
+    assert len(records) == 8 and all(r["interval"]["low"] <= r["interval"]["mean"] <= r["interval"]["high"] for r in records)
+    best = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert best["loss"]["mean"] == min(r["interval"]["mean"] for r in records)
+    assert (out / "tune_scale.png").is_file()
+    assert args.func(args) == 0  # resumed: every evaluation from the file
+    assert len((out / "tune.jsonl").read_text().splitlines()) == len(lines)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--method", "rope"], "method='rope': nothing to tune"),
+    (["--method", "yarn", "--param", "scale=0.5:4"], "scale range .*crosses 'yarn''s rule at scale=0.5"),
+    (["--method", "ntk", "--param", "scale=4:1"], r"range=\[4.0, 1.0\]: empty"),
+    (["--method", "nkt"], "did you mean"),
+])
+def test_tune_bad_input_before_loading(tmp_path, argv, message):
+    args = parser().parse_args(["tune", "--model", "no-such-model", "--target-length", "64", "--out", str(tmp_path / "x"), *argv])
+    with pytest.raises(ValueError, match=message):
+        args.func(args)
+    assert not (tmp_path / "x").exists()
+
+
+def test_parse_param_and_default_space():
+    assert parse_param("scale=1:8:log") == ("scale", Continuous(1.0, 8.0, log=True))
+    assert parse_param("window=1024|2048") == ("window", Grid((1024, 2048)))
+    with pytest.raises(ValueError, match="--param 'scale'"):
+        parse_param("scale")
+    with pytest.raises(ValueError, match="--param 'scale=1:2:lin'"):
+        parse_param("scale=1:2:lin")
+    space = default_space("leaky-rerope", 8192, 16384)
+    assert space["window"] == Grid((1024, 2048, 4096)) and space["scale"].log
+    assert default_space("yarn", 8192, 16384)["scale"] == Continuous(1.0, 8.0, log=True)
+
+
+def test_suggest_command(capsys):
+    args = parser().parse_args(["suggest", "--train-length", "8k", "--target-length", "16k"])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "yarn:scale=2" in out and "rerope:window=4096" in out and "Peng et al. 2023, YaRN" in out
