@@ -133,10 +133,6 @@ def resolve_method(method: Method | str | None, params: dict) -> Method:
     return parse_method(method, **params)
 
 
-def _needs_attention(method: Method) -> bool:
-    return method.relative is not None or method.length_dependent or method.per_query_frequencies or method.logn
-
-
 def patch(model: nn.Module, method: Method | str | None = None, **params) -> PatchHandle:
     """Apply `method` (a Method, a name with `params`, or a spec 'name:key=value,...') to `model`."""
     # 1. resolve and validate everything; nothing is touched yet
@@ -156,8 +152,10 @@ def patch(model: nn.Module, method: Method | str | None = None, **params) -> Pat
     model_type, family = arch.family_of(model)
     sites = arch.find_rotary_sites(model)
     attentions = arch.find_attention_layers(model, family)
-    method = method.with_train_length(sites[0].train_length)
-    route = "attention" if _needs_attention(method) else "frequencies"
+    method = sites[0].method_for(method)
+    route = "attention" if method.needs_attention_route else "frequencies"
+    if route == "attention":
+        arch.check_attention_route(model, model_type, family, method)
     if route == "attention" and family.own_dispatch:
         from . import falcon  # noqa: F401  (raises NotImplementedError until written)
     handle = PatchHandle(model, method, model_type, route, sites)
@@ -227,7 +225,7 @@ def _plan_frequencies(method: Method, sites: list[arch.RotarySite]):
     """(apply, expected): the change to make and, per buffer, the frequencies it must produce."""
     new = []
     for site in sites:
-        freq = method.with_train_length(site.train_length).frequencies(site.dim, site.base)
+        freq = site.method_for(method).frequencies(site.dim, site.base)
         inv_freq, factor = freq.inv_freq, float(freq.attention_factor)
         if inv_freq.shape != (site.dim // 2,) or not torch.isfinite(inv_freq).all():
             raise ValueError(f"{method.spec()}: frequencies of shape {tuple(inv_freq.shape)} for dim {site.dim} "
@@ -253,7 +251,7 @@ def _plan_attention(model, method, family, sites, attentions) -> Callable[[Patch
             raise NotImplementedError(f"{type(attention).__name__} layer {attention.layer_idx}: layer type "
                                       f"{layer_type!r} has no rotary frequencies ({sorted(map(str, by_type))})")
         site = by_type[layer_type]
-        m = method.with_train_length(site.train_length)
+        m = site.method_for(method)
         freq = m.frequencies(site.dim, site.base, site.train_length)  # validates now, for dynamic too
         static = not (m.length_dependent or m.per_query_frequencies)  # else frequencies per length, in the call
         routes[attention] = afn.Route(m, family.layout, site.dim, site.base, freq.inv_freq if static else None,

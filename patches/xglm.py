@@ -26,7 +26,7 @@ from ..method import Method
 
 
 def _mapped_inv_freq(method: Method, d_model: int, train_length: int) -> torch.Tensor:
-    if method.relative is not None or method.length_dependent or method.per_query_frequencies or method.logn:
+    if method.needs_attention_route:
         raise ValueError(f"method={method.spec()!r}: XGLM adds absolute sinusoidal positions to its embeddings; "
                          "only frequency maps apply (not relative maps, dynamic-ntk or logn)")
     half = d_model // 2
