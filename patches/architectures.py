@@ -1,8 +1,7 @@
-"""What ropelab knows about each supported transformers family, and how to find the parts
-of a loaded model that a patch touches (shared/docs/design.md, "How a method gets into a
-model").
+"""How to find the parts of a loaded model that a patch touches; what is known about each
+family (the table) lives in patches/model_facts.py.
 
-Every supported family has a model-level `*RotaryEmbedding` module holding `inv_freq`
+Every supported rotary family has a model-level `*RotaryEmbedding` module holding `inv_freq`
 (Gemma3: one `{layer_type}_inv_freq` per layer type, each from its own `rope_theta`) and
 attention modules of one known class. A family is matched by `config.model_type` and its
 attention class is looked up by exact name: if transformers renames it, `patch` finds none
@@ -20,7 +19,7 @@ from torch import nn
 
 from ..method import Method
 from . import model_facts
-from .model_facts import FAMILIES, SINUSOIDAL_FAMILIES, Family, supported_families  # noqa: F401  (the table lives there)
+from .model_facts import FAMILIES, Family, supported_families  # noqa: F401  (the table lives there)
 
 # Mirrors `transformers>=5.17,<5.24` in pyproject.toml (tests/patches check they agree).
 # The patch points were measured on 5.23; scripts/test.sh runs the patch tests on the

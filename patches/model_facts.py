@@ -50,6 +50,10 @@ class Family:
     # as the `sliding_window` argument of the attention function (Qwen2-MoE), so the attention
     # route, which takes the 2D padding mask, cannot see it: refused on such configs.
     window_only_in_mask: bool = False
+    # "rotary" (frequency or attention route) or "sinusoidal" (an additive absolute table)
+    positions: str = "rotary"
+    # the family's own file in patches/, where one is needed (own dispatch, a table forward)
+    module: str | None = None
 
 
 FAMILIES: dict[str, Family] = {
@@ -74,16 +78,17 @@ FAMILIES: dict[str, Family] = {
     "cohere": Family("CohereAttention", layout="interleaved", logits=LogitsTransform("multiply", "logit_scale")),
     "glm": Family("GlmAttention", layout="interleaved"),
     "granite": Family("GraniteAttention", logits=LogitsTransform("divide", "logits_scaling")),
-    "falcon": Family("FalconAttention", own_dispatch=True),
+    "falcon": Family("FalconAttention", own_dispatch=True, module="falcon"),
+    # frequency maps only, applied to the absolute sinusoidal table
+    "xglm": Family("XGLMAttention", positions="sinusoidal", module="xglm"),
 }
 
-# Sinusoidal-position decoders: frequency maps only, applied to the absolute table (patches/xglm.py).
-SINUSOIDAL_FAMILIES = ("xglm",)
+SINUSOIDAL_FAMILIES = tuple(name for name, family in FAMILIES.items() if family.positions == "sinusoidal")
 
 
 def supported_families() -> list[str]:
     """The `config.model_type` values `patch` accepts, sorted."""
-    return sorted([*FAMILIES, *SINUSOIDAL_FAMILIES])
+    return sorted(FAMILIES)
 
 
 def text_config(model_or_config):
