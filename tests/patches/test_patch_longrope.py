@@ -113,3 +113,15 @@ def test_cached_decoding_across_L_equals_the_uncached_forward():
             step = model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True)
             cache = step.past_key_values
             torch.testing.assert_close(step.logits[:, -1], logits(model, ids[:, : t + 1])[:, -1], atol=ATOL, rtol=0)
+
+
+def test_longrope_as_the_frequency_method_of_a_relative_method():
+    """`rerope` over `longrope()` reads the factors from the config too; a window past the
+    sequence makes it plain longrope, so it must equal the native model (tolerance as above)."""
+    model = native_model("llama")
+    ids = tokens(LONG)
+    reference = logits(model, ids)
+    with P.patched(model, "rerope:window=64,frequency_method=longrope()") as handle:
+        assert handle.method.frequency_method.long_factor is not None
+        out = logits(model, ids)
+    torch.testing.assert_close(out, reference, atol=ATOL, rtol=0)
