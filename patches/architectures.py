@@ -52,17 +52,6 @@ def family_of(model: nn.Module) -> tuple[str, Family]:
     return model_type, FAMILIES[model_type]
 
 
-def check_attention_route(model: nn.Module, model_type: str, family: Family, method: Method) -> None:
-    """Refuse, before anything is touched, a family configuration the attention route cannot serve."""
-    layer_types = getattr(model.config, "layer_types", None) or []
-    if family.window_only_in_mask and "sliding_attention" in layer_types:
-        raise NotImplementedError(
-            f"method={method.spec()!r} on model_type={model_type!r} with sliding-window layers: this family passes "
-            "its window only in the attention mask, which ropelab's attention route does not receive; "
-            "frequency-only methods work, or use a config without sliding layers (use_sliding_window=False)"
-        )
-
-
 @dataclass(frozen=True)
 class RotarySite:
     """One set of rotary frequencies: a buffer of a rotary module and what it was built from."""

@@ -46,13 +46,11 @@ class Family:
     # ALL_ATTENTION_FUNCTIONS, so the relative route replaces that forward (patches/falcon.py).
     own_dispatch: bool = False
     logits: LogitsTransform | None = None
-    # True: sliding layers get their window only through the 4D mask transformers builds, not
-    # as the `sliding_window` argument of the attention function (Qwen2-MoE), so the attention
-    # route, which takes the 2D padding mask, cannot see it: refused on such configs.
-    window_only_in_mask: bool = False
     # "rotary" (frequency or attention route) or "sinusoidal" (an additive absolute table)
     positions: str = "rotary"
-    # the family's own file in patches/, where one is needed (own dispatch, a table forward)
+    # the family's own file in patches/, where one is needed: `route_attention(changes,
+    # attentions)` for the attention route (own dispatch: Falcon; a window passed on:
+    # Qwen2-MoE), or `plan(model, method)` for a sinusoidal table (XGLM)
     module: str | None = None
 
 
@@ -61,7 +59,7 @@ FAMILIES: dict[str, Family] = {
     "mistral": Family("MistralAttention"),
     "mixtral": Family("MixtralAttention"),
     "qwen2": Family("Qwen2Attention"),
-    "qwen2_moe": Family("Qwen2MoeAttention", window_only_in_mask=True),
+    "qwen2_moe": Family("Qwen2MoeAttention", module="qwen2_moe"),  # window only in the mask
     "qwen3": Family("Qwen3Attention"),
     "qwen3_moe": Family("Qwen3MoeAttention"),
     "gemma": Family("GemmaAttention"),

@@ -22,7 +22,6 @@ from .probe import probe
 
 
 def plan(model: nn.Module, method: Method, model_type: str, family: arch.Family) -> Plan:
-    arch.check_attention_route(model, model_type, family, method)
     sites = arch.find_rotary_sites(model)
     attentions = arch.find_attention_layers(model, family)
     positions = afn.PositionState()
@@ -39,8 +38,9 @@ def plan(model: nn.Module, method: Method, model_type: str, family: arch.Family)
         static = not (m.length_dependent or m.per_query_frequencies)  # else frequencies per length, in the call
         routes[attention] = afn.Route(m, family.layout, site.dim, site.base, freq.inv_freq if static else None,
                                       float(freq.attention_factor), positions)
-    # a family that computes attention itself has its own file with `route_attention` (Falcon)
-    own = importlib.import_module(f"{__package__.rsplit('.', 1)[0]}.{family.module}") if family.own_dispatch else None
+    # a family that needs more than the dispatch switch has its own file with `route_attention`
+    # (Falcon computes attention itself; Qwen2-MoE's window must be passed on)
+    own = importlib.import_module(f"{__package__.rsplit('.', 1)[0]}.{family.module}") if family.module else None
     configs = {id(m.config): m.config for m in model.modules() if hasattr(getattr(m, "config", None), "_attn_implementation")}
     rotaries = {id(s.module): s.module for s in sites}
 

@@ -18,20 +18,21 @@ def test_every_tiny_family_is_supported_and_the_new_ones_are_listed():
     assert set(NEW) <= set(supported)
 
 
-def test_qwen2_moe_sliding_layers_refuse_the_attention_route_naming_both():
-    """Qwen2-MoE applies its window only through the mask: refused before anything changes."""
-    model = build("qwen2_moe", use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1,
-                  layer_types=["full_attention", "sliding_attention"])
+def test_qwen2_moe_sliding_layers_keep_their_window_on_both_routes():
+    """Qwen2-MoE applies its window only through the mask; patches/qwen2_moe.py passes it on.
+    Without that, the attention route attends past the window (logits off by ~3.9, seen).
+    1e-5: as in test_patch_equivalences.py (float32 frequencies one ulp apart, another kernel)."""
+    model = build("qwen2_moe")
+    assert model.config.layer_types == ["full_attention", "sliding_attention"] and model.config.sliding_window == WINDOW
     before = snapshot(model)
-    with pytest.raises(NotImplementedError, match=r"method='rerope:window=4' on model_type='qwen2_moe' with sliding-window"):
-        P.patch(model, "rerope:window=4")
+    ids = tokens(48)  # past the window of 8
+    reference = logits(model, ids)
+    with P.patched(model, "rerope:window=64") as handle:  # window past the sequence: plain RoPE
+        assert handle.route == "attention"
+        torch.testing.assert_close(logits(model, ids), reference, atol=1e-5, rtol=0)
     assert_untouched(model, before)
-    ids = tokens(48)  # the frequency route keeps transformers' own mask, window included
-    native = rebuild_like(model, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1,
-                          layer_types=["full_attention", "sliding_attention"],
-                          rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})
-    with P.patched(model, "linear:scale=2"):
-        # 1e-5: float32 frequencies one ulp apart (test_patch_equivalences.py); both run eager attention
+    native = rebuild_like(model, rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})
+    with P.patched(model, "linear:scale=2"):  # the frequency route keeps transformers' own mask
         torch.testing.assert_close(logits(model, ids), logits(native, ids), atol=1e-5, rtol=0)
 
 
