@@ -3,8 +3,8 @@
 At 32k tokens × 49k vocabulary the logits alone are 6.4 GB in fp32 (design.md,
 "Perplexity versus length"), so the base model (`model.get_decoder()`) gives the final
 hidden states and the loss goes through the LM head `chunk` rows at a time. The head's
-post-processing is reproduced from the config: Gemma 2/3 `final_logit_softcapping`
-(tanh(x/c)·c), Cohere `logit_scale` (×), Granite `logits_scaling` (÷). `check_head` compares
+post-processing is the family's, from ropelab.patches.model_facts (soft-capping, a scale,
+...). `check_head` compares
 against the model's own logits on a short input, so an architecture with some other
 post-processing fails loudly instead of giving quietly wrong losses.
 """
@@ -17,16 +17,9 @@ import torch.nn.functional as F
 
 def _head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     """The model's logits for final hidden states `hidden` (..., H), in float32."""
-    config = model.config.get_text_config()
-    logits = model.get_output_embeddings()(hidden).float()  # (..., V)
-    if getattr(config, "logit_scale", None) is not None and type(model).__name__.startswith("Cohere"):
-        logits = logits * config.logit_scale
-    if getattr(config, "logits_scaling", None) is not None and type(model).__name__.startswith("Granite"):
-        logits = logits / config.logits_scaling
-    cap = getattr(config, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
+    from ropelab.patches.model_facts import logits_transform
+
+    return logits_transform(model)(model.get_output_embeddings()(hidden).float())  # (..., V)
 
 
 def hidden_states(model, input_ids: torch.Tensor) -> torch.Tensor:

@@ -71,17 +71,10 @@ def load_model(name: str, dtype: str = "float32"):
 
 
 def train_length(model) -> int:
-    """L: `original_max_position_embeddings` (top level or in rope parameters), else `max_position_embeddings`."""
-    config = model.config.get_text_config()
-    rope = getattr(config, "rope_parameters", None) or {}
-    for value in (
-        getattr(config, "original_max_position_embeddings", None),
-        rope.get("original_max_position_embeddings") if isinstance(rope, dict) else None,
-        getattr(config, "max_position_embeddings", None),
-    ):
-        if value:
-            return int(value)
-    raise ValueError("config.max_position_embeddings=None: the model's training length is unknown")
+    """L, by ropelab.patches.model_facts' rule (original_max_position_embeddings, else max_position_embeddings)."""
+    from ropelab.patches.model_facts import train_length as model_train_length
+
+    return model_train_length(model.config)
 
 
 def default_apply_method(model, method):

@@ -1,8 +1,7 @@
-"""What ropelab knows about each supported transformers family, and how to find the parts
-of a loaded model that a patch touches (shared/docs/design.md, "How a method gets into a
-model").
+"""How to find the parts of a loaded model that a patch touches; what is known about each
+family (the table) lives in patches/model_facts.py.
 
-Every supported family has a model-level `*RotaryEmbedding` module holding `inv_freq`
+Every supported rotary family has a model-level `*RotaryEmbedding` module holding `inv_freq`
 (Gemma3: one `{layer_type}_inv_freq` per layer type, each from its own `rope_theta`) and
 attention modules of one known class. A family is matched by `config.model_type` and its
 attention class is looked up by exact name: if transformers renames it, `patch` finds none
@@ -11,56 +10,22 @@ and raises instead of silently doing nothing.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import transformers
 from packaging.version import Version
 from torch import nn
 
+from ..method import Method
+from . import model_facts
+from .model_facts import FAMILIES, Family, supported_families  # noqa: F401  (the table lives there)
+
 # Mirrors `transformers>=5.17,<5.24` in pyproject.toml (tests/patches check they agree).
 # The patch points were measured on 5.23; scripts/test.sh runs the patch tests on the
 # newest release of the range and again on the oldest (5.17.0). 5.10.4 fails 8 of them
 # (StableLM crashes inside transformers, native comparisons differ), 5.0.0 fails most.
 TRANSFORMERS_MIN, TRANSFORMERS_BELOW = "5.17", "5.24"
-
-
-@dataclass(frozen=True)
-class Family:
-    attention_class: str  # exact class name of the attention modules
-    layout: str = "half"  # "half" (rotate_half) or "interleaved" (pairs 2i, 2i+1)
-    # True: the attention forward computes attention itself instead of dispatching through
-    # ALL_ATTENTION_FUNCTIONS, so the relative route replaces that forward (patches/falcon.py).
-    own_dispatch: bool = False
-
-
-FAMILIES: dict[str, Family] = {
-    "llama": Family("LlamaAttention"),
-    "mistral": Family("MistralAttention"),
-    "qwen2": Family("Qwen2Attention"),
-    "qwen3": Family("Qwen3Attention"),
-    "gemma": Family("GemmaAttention"),
-    "gemma2": Family("Gemma2Attention"),
-    "gemma3_text": Family("Gemma3Attention"),
-    "phi": Family("PhiAttention"),
-    "phi3": Family("Phi3Attention"),
-    "gpt_neox": Family("GPTNeoXAttention"),
-    "stablelm": Family("StableLmAttention"),
-    "olmo2": Family("Olmo2Attention"),
-    "cohere": Family("CohereAttention", layout="interleaved"),
-    "glm": Family("GlmAttention", layout="interleaved"),
-    "granite": Family("GraniteAttention"),
-    "falcon": Family("FalconAttention", own_dispatch=True),
-}
-
-
-# Sinusoidal-position decoders: frequency maps only, applied to the absolute table (patches/xglm.py).
-SINUSOIDAL_FAMILIES = ("xglm",)
-
-
-def supported_families() -> list[str]:
-    """The `config.model_type` values `patch` accepts, sorted."""
-    return sorted([*FAMILIES, *SINUSOIDAL_FAMILIES])
 
 
 def check_transformers_version(version: str | None = None) -> None:
@@ -99,6 +64,13 @@ class RotarySite:
     dim: int  # rotary dimension: head_dim × partial_rotary_factor
     train_length: int  # original_max_position_embeddings, else max_position_embeddings
     rope_type: str  # the model's own rope_type for this site (replaced by the method)
+    rope_parameters: dict = field(default_factory=dict, compare=False)  # the config's, for this site
+    max_positions: int | None = None  # config.max_position_embeddings
+
+    def method_for(self, method: Method) -> Method:
+        """`method` with what it leaves to the model filled in from this site (training
+        length; longrope's factor lists from a 'longrope' config)."""
+        return method.with_model(self.train_length, self.rope_parameters, self.max_positions)
 
 
 def _rope_params(config, layer_type: str | None) -> dict:
@@ -138,10 +110,10 @@ def find_rotary_sites(model: nn.Module) -> list[RotarySite]:
                     f"{type(module).__name__}.{name}: has {buf.numel()} frequencies but the config gives rotary "
                     f"dim {dim}; expected an even dim with dim/2 frequencies"
                 )
-            length = params.get("original_max_position_embeddings") or config.max_position_embeddings
             sites.append(
                 RotarySite(module, name, prefix + "attention_scaling", layer_type, float(params["rope_theta"]),
-                           dim, int(length), params.get("rope_type", "default"))
+                           dim, model_facts.train_length(config, params), params.get("rope_type", "default"),
+                           dict(params), getattr(config, "max_position_embeddings", None))
             )
     if not sites:
         raise NotImplementedError(

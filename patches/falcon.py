@@ -36,7 +36,8 @@ def _forward(self: nn.Module, hidden_states, alibi, attention_mask, position_ids
     return self.dense(out), None
 
 
-def route_attention(handle, attentions: list[nn.Module]) -> None:
-    """Give each FalconAttention the dispatching forward (recorded on `handle` for undo)."""
+def route_attention(changes, attentions: list[nn.Module]) -> None:
+    """Give each FalconAttention the dispatching forward (recorded in `changes`, a
+    patches.changes.Changes, for undo)."""
     for attention in attentions:
-        handle._set_attr(attention, "forward", _forward.__get__(attention))
+        changes.set_attr(attention, "forward", _forward.__get__(attention))

@@ -26,7 +26,7 @@ from ..method import Method
 
 
 def _mapped_inv_freq(method: Method, d_model: int, train_length: int) -> torch.Tensor:
-    if method.relative is not None or method.length_dependent or method.per_query_frequencies or method.logn:
+    if method.needs_attention_route:
         raise ValueError(f"method={method.spec()!r}: XGLM adds absolute sinusoidal positions to its embeddings; "
                          "only frequency maps apply (not relative maps, dynamic-ntk or logn)")
     half = d_model // 2
@@ -45,7 +45,8 @@ def _mapped_inv_freq(method: Method, d_model: int, train_length: int) -> torch.T
 
 
 def plan(model: nn.Module, method: Method):
-    """(apply, check) for PatchHandle: the new table forward, and a probe that it is used."""
+    """(apply, check) for the sinusoidal route (patches/routes/sinusoidal.py): the new table
+    forward, recorded in a `Changes`, and a probe that it is used."""
     embed = model.model.embed_positions if hasattr(model, "model") else model.embed_positions
     if type(embed).__name__ != "XGLMSinusoidalPositionalEmbedding":
         raise NotImplementedError(f"{type(model).__name__}: found no XGLMSinusoidalPositionalEmbedding")
@@ -63,10 +64,10 @@ def plan(model: nn.Module, method: Method):
         calls[0] += 1
         return table.to(embed.weights.dtype)
 
-    def apply(handle) -> None:
-        handle._set_attr(embed, "forward", forward)
+    def apply(changes) -> None:
+        changes.set_attr(embed, "forward", forward)
 
-    def check(handle) -> None:
+    def check() -> None:
         device = model.get_input_embeddings().weight.device
         with torch.no_grad():
             model(input_ids=torch.tensor([[3, 4]], device=device), use_cache=False)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import ClassVar, NamedTuple
 
 import torch
@@ -54,16 +55,6 @@ class Method:
     """Plain RoPE frequencies, identity relative map, optional log-n. Subclasses change parts."""
 
     name: ClassVar[str] = ""
-    # True when every position's encoding depends on the current sequence length, so a
-    # prefix's logits change as the sequence grows and the cache must hold keys before RoPE.
-    length_dependent: ClassVar[bool] = False
-    # True when each query needs the frequencies of its own length (position + 1), so the
-    # patch must route attention through ropelab even though the method is prefix-consistent
-    # (dynamic-ntk with per_query=True). The attention function relies on lengths ≤ L all
-    # having the frequencies of L (patches/attention_fn.py, `_per_query`).
-    per_query_frequencies: ClassVar[bool] = False
-    # True when `frequencies()` (or log-n) needs the model's training length.
-    uses_train_length: ClassVar[bool] = False
 
     train_length: int | None = None  # L: original_max_position_embeddings, else max_position_embeddings
     logn: bool = False
@@ -102,11 +93,39 @@ class Method:
         scale = torch.log((positions.to(torch.float64) + 1).clamp(min=1.0)) / math.log(length)
         return scale.clamp(min=1.0)
 
-    # -- helpers -----------------------------------------------------------------------
+    # -- capabilities: plain properties, overridden by the methods they differ for -------
+    @property
+    def length_dependent(self) -> bool:
+        """True when every position's encoding depends on the current sequence length, so a
+        prefix's logits change as the sequence grows and the cache must hold keys before RoPE."""
+        return False
+
+    @property
+    def per_query_frequencies(self) -> bool:
+        """True when each query needs the frequencies of its own length (position + 1), so
+        the patch must route attention through ropelab although the method is
+        prefix-consistent (dynamic-ntk with per_query=True). The attention function relies
+        on lengths ≤ L all having the frequencies of L (patches/attention_fn.py, `_per_query`)."""
+        return False
+
+    @property
+    def uses_train_length(self) -> bool:
+        """True when `frequencies()` needs the model's training length."""
+        return False
+
     @property
     def needs_train_length(self) -> bool:
+        """True when the frequencies or the query scale (log-n) need the training length."""
         return self.uses_train_length or self.logn
 
+    @property
+    def needs_attention_route(self) -> bool:
+        """True when the method cannot be a rewrite of the rotary frequencies: a relative map,
+        frequencies that follow the length (per forward or per query), or log-n's query scale.
+        The patch then applies RoPE inside attention, with keys cached before RoPE."""
+        return self.relative is not None or self.length_dependent or self.per_query_frequencies or self.logn
+
+    # -- helpers -----------------------------------------------------------------------
     def required_train_length(self) -> int:
         if self.train_length is None:
             raise ValueError(
@@ -121,23 +140,60 @@ class Method:
             return self
         return dataclasses.replace(self, train_length=train_length)
 
+    def with_model(self, train_length: int, rope_parameters: Mapping | None = None,
+                   max_positions: int | None = None) -> Method:
+        """This method with what it leaves to the model filled in from one rotary site of it:
+        the training length, and whatever else a method reads from the model's rope
+        parameters (`longrope`'s factor lists). A value the method already has wins."""
+        return self.with_train_length(train_length)
+
+    def replace(self, **fields) -> Method:
+        """A copy with `fields` changed, validated again."""
+        return dataclasses.replace(self, **fields)
+
     @property
     def params(self) -> dict:
         """The fields a user set, in declaration order (for records and descriptions)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     def spec(self) -> str:
-        """`name:key=value,...` with only non-default fields, the form the CLI accepts."""
+        """The canonical text `name:key=value,...`, the form the CLI accepts.
+
+        The method's own fields in declaration order, then frequency_method, train_length and
+        logn; fields equal to their default left out, numbers in one
+        form (`spec_value`), nested methods as `name(key=value,...)`. So equal methods give
+        equal texts (`a == b` implies `a.spec() == b.spec()`) and `parse_method(m.spec()) == m`;
+        it is not the text the user typed (`4k` comes back as `4096`, `scale=2.0` as `scale=2`).
+        """
         parts = []
-        for f in dataclasses.fields(self):
+        late = {"frequency_method": 1, "train_length": 2, "logn": 2}  # shared fields after the method's own
+        for f in sorted(dataclasses.fields(self), key=lambda f: late.get(f.name, 0)):
             value = getattr(self, f.name)
             if f.default is not dataclasses.MISSING and value == f.default:
                 continue
-            if isinstance(value, Method):  # nested: name(key=value,...)
-                name, _, inner = value.spec().partition(":")
-                value = f"{name}({inner})"
-            parts.append(f"{f.name}={value}")
+            parts.append(f"{f.name}={spec_value(value)}")
         return self.name + (":" + ",".join(parts) if parts else "")
+
+
+def spec_value(value) -> str:
+    """One canonical text per value, so that equal values (2 == 2.0) are written alike:
+    integral numbers as integers (`2`, never `2.0`), other floats by their shortest
+    round-trip repr, booleans `true`/`false`, None `none`, tuples `[a,b,...]`, methods
+    `name(key=value,...)`."""
+    if isinstance(value, Method):
+        name, _, inner = value.spec().partition(":")
+        return f"{name}({inner})"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "none"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() else repr(value)
+    if isinstance(value, tuple):
+        return "[" + ",".join(spec_value(v) for v in value) + "]"
+    raise TypeError(f"{value!r}: no spec text for a value of type {type(value).__name__}")
 
 
 class RelativeMap:
@@ -151,7 +207,11 @@ class RelativeMap:
     """
 
     window: int
-    far_freq_divisor: float = 1.0
+
+    @property
+    def far_freq_divisor(self) -> float:
+        """The far part's frequencies are θ'/far_freq_divisor (Leaky ReRoPE's k; 1 otherwise)."""
+        return 1.0
 
     def far_query_position(self, i: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -183,7 +243,7 @@ class BorrowedFrequencies(Method):
             inner.relative is None and not isinstance(inner, BorrowedFrequencies),
             "frequency_method",
             inner.spec(),
-            "must be a frequency-only method (rope, linear, ntk, ntk-old, beta-base, dynamic-ntk, yarn, llama3)",
+            "must be a frequency-only method (rope, linear, ntk, ntk-old, beta-base, dynamic-ntk, yarn, llama3, longrope)",
         )
         require(not inner.logn, "frequency_method", inner.spec(), "must not set logn; set logn on the outer method")
         require(
@@ -194,16 +254,25 @@ class BorrowedFrequencies(Method):
         )
 
     @property
-    def uses_train_length(self) -> bool:  # type: ignore[override]
+    def uses_train_length(self) -> bool:
         return self.frequency_method is not None and self.frequency_method.needs_train_length
 
     @property
-    def length_dependent(self) -> bool:  # type: ignore[override]
+    def length_dependent(self) -> bool:
         return self.frequency_method is not None and self.frequency_method.length_dependent
 
     @property
-    def per_query_frequencies(self) -> bool:  # type: ignore[override]
+    def per_query_frequencies(self) -> bool:
         return self.frequency_method is not None and self.frequency_method.per_query_frequencies
+
+    def with_model(self, train_length: int, rope_parameters: Mapping | None = None,
+                   max_positions: int | None = None) -> Method:
+        method = self.with_train_length(train_length)
+        inner = method.frequency_method
+        if inner is None:
+            return method
+        filled = inner.with_model(method.required_train_length(), rope_parameters, max_positions)
+        return method if filled == inner else method.replace(frequency_method=filled)
 
     def borrowed_frequencies(self, dim: int, base: float, seq_len: int | None = None) -> Frequencies:
         inner = self.frequency_method or Method()

@@ -4,14 +4,22 @@
     ntk:scale=2
     rerope:window=4k,logn=true            (4k = 4096)
     leaky-rerope:window=512,scale=16,frequency_method=ntk(scale=2)
+    longrope:short_factor=[1,1.5],long_factor=[2,4]
 
-`Method.spec()` writes this form back, so `parse_method(m.spec()) == m`.
+Each parameter may be given once: `ntk:scale=2,scale=3` is refused, and so is a keyword
+that repeats a parameter of the text (`parse_method("ntk:scale=2", scale=3)`); keywords
+may only add parameters the text leaves out.
+
+`Method.spec()` writes the canonical form back (rope/method.py, `Method.spec`), so
+`parse_method(m.spec()) == m`, and equal methods give equal texts.
 """
 
 from __future__ import annotations
 
 from .method import Method
 from .registry import get_method
+
+_OPEN, _CLOSE = "([", ")]"
 
 
 def parse_int_with_suffix(text: str) -> int:
@@ -25,17 +33,20 @@ def parse_int_with_suffix(text: str) -> int:
     raise ValueError(f"{text!r} is not an integer (forms: 4096, 4k, 1m)")
 
 
-def _split_top_level(text: str) -> list[str]:
-    parts, depth, start = [], 0, 0
+def split_top_level(text: str) -> list[str]:
+    """Split at commas outside (...) and [...]."""
+    parts, stack, start = [], [], 0
     for pos, char in enumerate(text):
-        depth += {"(": 1, ")": -1}.get(char, 0)
-        if depth < 0:
-            raise ValueError(f"method spec {text!r}: unbalanced ')'")
-        if char == "," and depth == 0:
+        if char in _OPEN:
+            stack.append(_CLOSE[_OPEN.index(char)])
+        elif char in _CLOSE:
+            if not stack or stack.pop() != char:
+                raise ValueError(f"method spec {text!r}: unbalanced {char!r}")
+        elif char == "," and not stack:
             parts.append(text[start:pos])
             start = pos + 1
-    if depth:
-        raise ValueError(f"method spec {text!r}: unbalanced '('")
+    if stack:
+        raise ValueError(f"method spec {text!r}: unclosed {stack[-1]!r}")
     parts.append(text[start:])
     return [p.strip() for p in parts if p.strip()]
 
@@ -46,6 +57,8 @@ def _parse_value(text: str):
         return low == "true"
     if low == "none":
         return None
+    if text.startswith("[") and text.endswith("]"):
+        return tuple(_parse_value(item) for item in split_top_level(text[1:-1]))
     if "(" in text and text.endswith(")"):
         name, inner = text[:-1].split("(", 1)
         return parse_method(f"{name}:{inner}" if inner.strip() else name)
@@ -56,18 +69,36 @@ def _parse_value(text: str):
     try:
         return float(text)
     except ValueError:
-        raise ValueError(f"value {text!r}: expected a number, true/false, none or name(key=value,...)") from None
+        raise ValueError(
+            f"value {text!r}: expected a number, true/false, none, [a,b,...] or name(key=value,...)"
+        ) from None
 
 
-def parse_method(spec: str | Method, **overrides) -> Method:
-    """Build a method from `name:key=value,...`; `overrides` fill fields the text leaves out."""
+def parse_method(spec: str | Method, **extra) -> Method:
+    """Build a method from `name:key=value,...`; `extra` keywords add parameters the text
+    leaves out. A parameter given twice (in the text, or in the text and as a keyword) is
+    refused: ValueError naming it, both values and the rule."""
     if isinstance(spec, Method):
         return spec
     name, _, rest = spec.strip().partition(":")
-    params = dict(overrides)
-    for item in _split_top_level(rest):
+    params: dict = {}
+    for item in split_top_level(rest):
         key, eq, value = item.partition("=")
         if not eq:
             raise ValueError(f"method spec {spec!r}: {item!r} is not key=value")
-        params[key.strip().replace("-", "_")] = _parse_value(value.strip())
+        key = key.strip().replace("-", "_")
+        parsed = _parse_value(value.strip())
+        if key in params:
+            raise ValueError(
+                f"{key}={parsed!r}: given twice in method spec {spec!r} (first {key}={params[key]!r}); "
+                "give each parameter once"
+            )
+        params[key] = parsed
+    for key, value in extra.items():
+        if key in params:
+            raise ValueError(
+                f"{key}={value!r}: given both in method spec {spec!r} ({key}={params[key]!r}) and as a keyword; "
+                "give each parameter once (keywords may only add parameters the spec leaves out)"
+            )
+        params[key] = value
     return get_method(name.strip(), **params)

@@ -6,6 +6,7 @@ from . import (  # noqa: F401  (importing registers)
     leaky_rerope,
     linear,
     llama3,
+    longrope,
     ntk,
     ntk_old,
     rerope,

@@ -33,7 +33,6 @@ from ..registry import register
 @dataclass(frozen=True, kw_only=True)
 class DynamicNTK(Method):
     name = "dynamic-ntk"
-    uses_train_length = True
     scale: float  # α
     per_query: bool = False  # False: one length per forward (HF `dynamic`); True: each query its own
 
@@ -42,12 +41,16 @@ class DynamicNTK(Method):
         require(isinstance(self.per_query, bool), "per_query", self.per_query, "must be True or False")
 
     @property
-    def length_dependent(self) -> bool:  # type: ignore[override]
+    def length_dependent(self) -> bool:
         return not self.per_query
 
     @property
-    def per_query_frequencies(self) -> bool:  # type: ignore[override]
+    def per_query_frequencies(self) -> bool:
         return self.per_query
+
+    @property
+    def uses_train_length(self) -> bool:
+        return True
 
     def frequencies(self, dim: int, base: float, seq_len: int | None = None) -> Frequencies:
         length = self.required_train_length()

@@ -27,7 +27,7 @@ class LeakyReRoPE(RelativeMethod):
         check_scale("scale", self.scale)
 
     @property
-    def far_freq_divisor(self) -> float:  # type: ignore[override]
+    def far_freq_divisor(self) -> float:
         return float(self.scale)
 
     def far_query_position(self, i: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,6 @@ from ..registry import register
 @dataclass(frozen=True, kw_only=True)
 class Llama3(Method):
     name = "llama3"
-    uses_train_length = True
     scale: float
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
@@ -31,6 +30,10 @@ class Llama3(Method):
             self.high_freq_factor,
             f"must be > low_freq_factor={self.low_freq_factor}",
         )
+
+    @property
+    def uses_train_length(self) -> bool:
+        return True
 
     def frequencies(self, dim: int, base: float, seq_len: int | None = None) -> Frequencies:
         length = self.required_train_length()

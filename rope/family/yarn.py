@@ -19,7 +19,6 @@ from ..registry import register
 @dataclass(frozen=True, kw_only=True)
 class YaRN(Method):
     name = "yarn"
-    uses_train_length = True
     scale: float
     beta_fast: float = 32.0  # rotations per training length above which a pair is kept
     beta_slow: float = 1.0  # ... below which it is interpolated by 1/s
@@ -34,6 +33,10 @@ class YaRN(Method):
         if self.attention_factor is not None:
             check_number("attention_factor", self.attention_factor)
             require(self.attention_factor > 0, "attention_factor", self.attention_factor, "must be > 0")
+
+    @property
+    def uses_train_length(self) -> bool:
+        return True
 
     def frequencies(self, dim: int, base: float, seq_len: int | None = None) -> Frequencies:
         inv_freq = fm.yarn_inv_freq(dim, base, self.scale, self.required_train_length(), self.beta_fast, self.beta_slow)

@@ -49,9 +49,16 @@ def test_final_logit_softcapping_is_applied():
     check_head(model)
 
 
-def test_check_head_catches_unknown_postprocessing():
+def test_check_head_catches_unknown_postprocessing(monkeypatch):
+    import dataclasses
+
+    from ropelab.patches import model_facts
+
     model = make_llama(97, seed=3)
-    model.config.final_logit_softcapping = 0.1  # the model ignores it; we would apply it: a mismatch
+    # a family fact that disagrees with the model (Llama's head applies no cap): a mismatch
+    llama = dataclasses.replace(model_facts.FAMILIES["llama"], logits=model_facts.SOFTCAP)
+    monkeypatch.setitem(model_facts.FAMILIES, "llama", llama)
+    model.config.final_logit_softcapping = 0.1
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(50)
     with pytest.raises(RuntimeError, match="differ from the model's logits"):

@@ -1,6 +1,7 @@
 """patch / undo / patched / describe: reversible bit for bit, transactional, refusing what it
 cannot do, and never silently a no-op."""
 
+import dataclasses
 import re
 import tomllib
 from pathlib import Path
@@ -13,7 +14,8 @@ import ropelab
 import ropelab.patches as P
 from ropelab.patches import architectures as arch
 from ropelab.patches import attention_fn as afn
-from ropelab.patches import handle as H
+from ropelab.patches import routes as R
+from ropelab.patches.changes import Changes
 from tiny_models import build, logits, tokens
 
 SPECS = ["ntk:scale=4", "yarn:scale=2", "rerope:window=4,logn=true", "dynamic-ntk:scale=2"]
@@ -133,11 +135,15 @@ def test_train_length_comes_from_the_model():
 def test_failure_during_the_check_rolls_back(monkeypatch, spec):
     model = build("gemma3")
     before = snapshot(model)
+    plan_for = R.plan_for
 
-    def fail(handle, attentions):
-        raise RuntimeError("injected")
+    def failing_check(model, method):
+        def fail():
+            raise RuntimeError("injected")
 
-    monkeypatch.setattr(H, "_verify", fail)
+        return dataclasses.replace(plan_for(model, method), check=fail)
+
+    monkeypatch.setattr(R, "plan_for", failing_check)
     with pytest.raises(RuntimeError, match="injected"):
         P.patch(model, spec)
     assert_untouched(model, before)
@@ -174,7 +180,7 @@ def test_a_patch_that_does_not_take_effect_is_caught(monkeypatch):
 def test_frequencies_that_do_not_take_effect_are_caught(monkeypatch):
     model = build("llama")
     before = snapshot(model)
-    monkeypatch.setattr(H.PatchHandle, "_set_buffer", lambda self, module, name, value: None)
+    monkeypatch.setattr(Changes, "set_buffer", lambda self, module, name, value: None)
     with pytest.raises(RuntimeError, match=r"did not produce the patched frequencies"):
         P.patch(model, "ntk", scale=4)
     assert_untouched(model, before)
@@ -230,13 +236,13 @@ def test_attention_dispatch_that_does_not_switch_is_caught(monkeypatch):
     identity and the model silently runs without positions: the check must see it."""
     model = build("qwen3")
     before = snapshot(model)
-    original = H.PatchHandle._set_attr
+    original = Changes.set_attr
 
     def skip_dispatch(self, obj, name, value):
         if name != "_attn_implementation_internal":
             original(self, obj, name, value)
 
-    monkeypatch.setattr(H.PatchHandle, "_set_attr", skip_dispatch)
+    monkeypatch.setattr(Changes, "set_attr", skip_dispatch)
     with pytest.raises(RuntimeError, match=r"layers \[0, 1\] did not go through the ropelab attention"):
         P.patch(model, "dynamic-ntk", scale=2)
     assert_untouched(model, before)

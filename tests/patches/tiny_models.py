@@ -69,6 +69,18 @@ _FAMILIES: dict[str, tuple[str, dict]] = {
     "glm": ("GlmConfig", {"head_dim": 16, "pad_token_id": 0, "eos_token_id": 2}),
     "granite": ("GraniteConfig", {"attention_multiplier": 0.2}),
     "falcon": ("FalconConfig", {"num_key_value_heads": None, "num_kv_heads": 2, "new_decoder_architecture": True}),
+    # mixture-of-experts and later families: 4 small experts, 2 per token
+    "mixtral": ("MixtralConfig", {"head_dim": 16, "sliding_window": WINDOW, "num_local_experts": 4, "num_experts_per_tok": 2}),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        {"use_sliding_window": True, "sliding_window": WINDOW, "max_window_layers": 1,
+         "layer_types": ["full_attention", "sliding_attention"], "num_experts": 4, "num_experts_per_tok": 2,
+         "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32},
+    ),
+    "qwen3_moe": ("Qwen3MoeConfig", {"head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32}),
+    "olmo": ("OlmoConfig", {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "clip_qkv": 8.0}),
+    "olmoe": ("OlmoeConfig", {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "num_experts": 4, "num_experts_per_tok": 2}),
+    "starcoder2": ("Starcoder2Config", {"sliding_window": WINDOW, "bos_token_id": 1, "eos_token_id": 2}),
 }
 
 FAMILIES = list(_FAMILIES)

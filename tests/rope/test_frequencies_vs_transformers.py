@@ -120,3 +120,29 @@ def test_llama3_blend_rule_by_hand():
             smooth = (length / lam - 1) / (4 - 1)
             expect = (1 - smooth) * t / s + smooth * t
         assert inv[i].item() == pytest.approx(expect, rel=1e-12)
+
+
+def _factors(n, step, start=1.0):
+    return [start + step * i for i in range(n)]
+
+
+@pytest.mark.parametrize("dim,base,length", [(64, 1e4, 4096), (96, 1e4, 4096), (32, 5e5, 2048)])
+@pytest.mark.parametrize("max_positions", [4096 * 32, 4096])  # s from the ratio: 32 (Phi-3-128k's), and 1 (no scaling)
+@pytest.mark.parametrize("extra", [{}, {"factor": 8.0}, {"attention_factor": 1.3}])
+@pytest.mark.parametrize("seq_frac", [None, 1.0, 1.5])  # short, still short (l = L), long
+def test_longrope(dim, base, length, max_positions, extra, seq_frac):
+    """transformers' `longrope`, with its rule for s (config factor, else max/original) and
+    for the attention factor; `with_model` reads the same config fields."""
+    max_positions = max(max_positions, length)
+    short, long = _factors(dim // 2, 0.01), _factors(dim // 2, 0.5, 1.2)
+    seq_len = None if seq_frac is None else int(length * seq_frac)
+    theirs = hf_frequencies("longrope", dim, base, max_positions, seq_len=seq_len, short_factor=short, long_factor=long,
+                            original_max_position_embeddings=length, **extra)
+    params = {"rope_type": "longrope", "short_factor": short, "long_factor": long, **extra}
+    ours = ropelab.get_method("longrope").with_model(length, params, max_positions)
+    assert_same(ours.frequencies(dim, base, seq_len), theirs)
+    given = {"factor": "scale", "attention_factor": "attention_factor"}
+    explicit = ropelab.get_method("longrope", short_factor=short, long_factor=long, train_length=length,
+                                  scale=extra.get("factor", max_positions / length),
+                                  **{given[k]: v for k, v in extra.items() if k == "attention_factor"})
+    assert_same(explicit.frequencies(dim, base, seq_len), theirs)
