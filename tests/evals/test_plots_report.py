@@ -8,7 +8,7 @@ import matplotlib.collections as mcoll
 from ropelab.evals import passkey, perplexity, plot_run, write_report
 from ropelab.evals import summary
 from ropelab.evals.plots import curves_from_records, run_figures
-from ropelab.evals.sweep import budget_seconds, default_methods
+from ropelab.evals.sweep import default_methods
 
 
 def test_plots_and_report_from_files_alone(model, tokenizer, text_dir, tmp_path):
@@ -52,4 +52,4 @@ def test_default_sweep_parameters_and_budget():
     # Su's rule w + (N-1-w)/k <= L/2 raises k when N grows.
     leaky = default_methods(8192, 65536)[-1]
     assert leaky == "leaky-rerope:window=2048,scale=32"
-    assert budget_seconds([4096, 16384]) < 13 * 60  # the main job fits in 15 min with margin
+    # The main job's time is measured by benchmarks/bench_main_job.py, not asserted from an estimate.
