@@ -12,7 +12,8 @@ lines, bands and labels) and a run-directory wrapper that reads the result files
 - `difference_figure` / `per_position`: per position, each method's loss minus a reference
   method's on the same tokens, averaged over buckets of positions, with a paired band, so
   the content's own swings cancel;
-- `accuracy_heatmap` / `passkey`: task accuracy, depth × length, one panel per method.
+- `accuracy_heatmap` / `passkey`, `ruler_TASK`: task accuracy, depth × length, one panel per method
+  (one heatmap per RULER-style task).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import numpy as np  # noqa: E402
 
 from . import protocols, summary  # noqa: E402
 from .passkey import accuracy  # noqa: E402
+from .ruler_run import depth_table  # noqa: E402
 from .uncertainty import loss_interval  # noqa: E402
 
 ZOOM_MARGIN = 0.5  # nats above the best method at some length: such a method is left out of the zoomed panel
@@ -295,6 +297,11 @@ def run_figures(run_dir) -> dict:
     protocol, records = summary.load(run_dir, "passkey.jsonl")
     if protocol is not None and (fig := passkey_figure(protocol, records)) is not None:
         figures["passkey"] = fig
+    protocol, records = summary.load(run_dir, "ruler.jsonl")
+    if protocol is not None:
+        for task, cells in depth_table(records).items():
+            figures[f"ruler_{task}"] = accuracy_heatmap(cells, title=f"{protocol['model']}: {task} (RULER-style, greedy)",
+                                                        what="mean score")
     return figures
 
 
