@@ -26,6 +26,7 @@ def test_plots_and_report_from_files_alone(model, tokenizer, text_dir, tmp_path)
     assert names == sorted(f"{n}.{ext}" for n in ("loss_vs_context", "per_position", "passkey") for ext in ("png", "svg"))
     figures = run_figures(copy)
     (loss,) = figures["loss_vs_context"].axes  # nothing explodes on 32 tokens: one panel
+    assert loss.get_ylabel() == "mean loss over the first N tokens (nats)"  # the position protocol's own axis label
     labels = [line.get_label() for line in loss.get_lines()]
     assert labels == ["rope", "dynamic-ntk:scale=2", "training length 64"]
     # rope is prefix-consistent: its curve has a point per prefix length from 16 to 32 (from one forward);
