@@ -233,7 +233,7 @@ def cmd_plot(args) -> int:
     paths = plot_run(args.run)
     report = write_report(args.run)
     if report is None:
-        raise BadInput(f"run={args.run!r}: no results.jsonl or passkey.jsonl in it")
+        raise BadInput(f"run={args.run!r}: no results.jsonl, passkey.jsonl or ruler.jsonl in it")
     for p in [*paths, report]:
         print(p)
     return 0

@@ -233,6 +233,7 @@ def run_command(args) -> int:
         print(f"\n{task} (mean score, 95% interval)")
         for method, cells in rows.items():
             print(f"  {method}: " + "  ".join(f"{n}: {iv}" for n, iv in cells.items()))
+    print(f"results: {args.out}/ruler.jsonl; figures and report.md: ropelab plot {args.out}", file=sys.stderr)
     failed = [r for r in records if r.get("status") == "error"]
     if failed:
         print(f"{len(failed)} samples failed; first: {failed[0]['error'][:200]}", file=sys.stderr)

@@ -1,14 +1,14 @@
 """Running RULER-style samples: records, resume, errors, intervals, effective length, the command."""
 
-import argparse
 import contextlib
 import json
 
 import pytest
 
+from ropelab.evals import cli
 from ropelab.evals.ruler import make_samples
 from ropelab.evals.ruler_run import (
-    RULER_THRESHOLD, add_parser, answer, depth_table, effective_length, relative_threshold, ruler, task_table,
+    RULER_THRESHOLD, answer, depth_table, effective_length, relative_threshold, ruler, task_table,
 )
 from ropelab.evals.results import read_run
 
@@ -69,22 +69,21 @@ def test_effective_length_is_rulers_definition():
 
 
 def test_command_end_to_end(model_dir, tmp_path, capsys):
-    parser = argparse.ArgumentParser()
-    add_parser(parser.add_subparsers(dest="command"))
     out = tmp_path / "run"
-    args = parser.parse_args(["ruler", "--model", str(model_dir), "--tasks", "passkey", "--lengths", "300",
-                              "--depths", "0.5", "--samples", "1", "--out", str(out)])
-    assert args.func(args) == 0
+    common = ["ruler", "--model", str(model_dir), "--lengths", "300", "--depths", "0.5", "--samples", "1", "--quiet",
+              "--out", str(out)]
+    assert cli.main([*common, "--tasks", "passkey"]) == 0
     lines = (out / "ruler.jsonl").read_text().splitlines()
     assert json.loads(lines[0])["kind"] == "ruler" and json.loads(lines[1])["task"] == "passkey"
     assert "passkey (mean score, 95% interval)" in capsys.readouterr().out
-    more = parser.parse_args(["ruler", "--model", str(model_dir), "--tasks", "niah-single", "--lengths", "300",
-                              "--depths", "0.5", "--samples", "1", "--chat-template", "off", "--out", str(out)])
-    assert more.func(more) == 0  # another task in the same directory
+    assert cli.main([*common, "--tasks", "niah-single", "--chat-template", "off"]) == 0  # another task, same directory
     assert len((out / "ruler.jsonl").read_text().splitlines()) == 3
-    bad = parser.parse_args(["ruler", "--model", str(model_dir), "--tasks", "paskey", "--out", str(tmp_path / "b")])
-    with pytest.raises(ValueError, match="did you mean 'passkey'"):
-        bad.func(bad)
+    assert cli.main([*common, "--tasks", "passkey"]) == 0  # resumed: nothing new
+    assert len((out / "ruler.jsonl").read_text().splitlines()) == 3
+    assert cli.main(["plot", str(out)]) == 0 and (out / "ruler_passkey.png").is_file()
+    assert "### niah-single" in (out / "report.md").read_text()
+    assert cli.main(["ruler", "--model", str(model_dir), "--tasks", "paskey", "--out", str(tmp_path / "b")]) == 2
+    assert "did you mean 'passkey'" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()  # refused before anything was written
 
 
