@@ -51,7 +51,7 @@ def test_report_has_intervals_the_one_window_note_and_the_evidence_section(model
     run = tmp_path / "run"
     perplexity(model, tokenizer, str(text_dir), ["rope", "linear:scale=2"], [48, 64], targets=32, out=run,
                apply_method=unpatched, progress=False)  # unpatched: both rows are the same model, so they tie
-    ruler(model, tokenizer, ["passkey", "niah-single"], ["rope"], [200, 300], [0.5], 2, chat_template="off", out=run,
+    ruler(model, tokenizer, ["passkey", "niah-single"], ["rope"], [200, 300], [0.5], 1, chat_template="off", out=run,
           apply_method=unpatched, progress=False)
     text = write_report(run).read_text()
     row = next(line for line in text.splitlines() if line.startswith("| `rope` |"))
