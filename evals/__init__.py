@@ -10,7 +10,9 @@ schema-versioned result store), protocols.py (the registered perplexity protocol
 identity.py (a model's identity: names the weights), checks.py (input checks), data.py
 (corpora), losses.py (chunked LM-head losses), perplexity.py, passkey.py, lmeval.py
 (lm-evaluation-harness bridge, optional), summary.py / plots.py / report.py (drawn from the
-result files alone), sweep.py (the main job), cli.py (`ropelab`).
+result files alone), sweep.py (the main job), cli.py (`ropelab`); ruler.py / ruler_run.py
+(RULER-style tasks, `ruler`), uncertainty.py / evidence.py (intervals, paired ties, effective
+lengths), tune.py / tune_run.py (`ropelab tune`), suggest.py, formats.py.
 """
 
 from .data import Document, TokenizedDocument, iter_documents, select_documents
@@ -21,6 +23,7 @@ from .plots import plot_run
 from .protocols import Protocol
 from .report import write_report
 from .results import SCHEMA, ResultStore, RunLocked, read_run
+from .ruler_run import ruler
 
 __all__ = [
     "PROTOCOLS",
@@ -36,6 +39,7 @@ __all__ = [
     "perplexity",
     "plot_run",
     "read_run",
+    "ruler",
     "select_documents",
     "token_losses",
     "write_report",

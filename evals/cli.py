@@ -7,6 +7,8 @@
     ropelab passkey --methods rope,rerope:window=4k --lengths 4k,8k,16k --out runs/pk
     ropelab plot runs/demo                            figures and report.md from the files
     ropelab lm-eval --method ntk:scale=2 --tasks ropelab_passkey --limit 4
+    ropelab ruler --methods rope,yarn:scale=2 --tasks niah-single --lengths 1k,2k --out runs/ruler
+    ropelab tune --method beta-base --target-length 16k --out runs/tune
 
 Exit codes: 0 ok; 1 a runtime failure (including jobs recorded as failed); 2 bad input,
 including an --out that another ropelab process is writing (reported in one line, no
@@ -33,6 +35,8 @@ from .protocols import Protocol
 from .protocols import get as get_protocol
 from .protocols import names as protocol_names
 from .results import check_can_write
+from .ruler_run import add_parser as add_ruler
+from .tune_run import add_parser as add_tune
 
 
 class BadInput(ValueError):
@@ -229,7 +233,7 @@ def cmd_plot(args) -> int:
     paths = plot_run(args.run)
     report = write_report(args.run)
     if report is None:
-        raise BadInput(f"run={args.run!r}: no results.jsonl or passkey.jsonl in it")
+        raise BadInput(f"run={args.run!r}: no results.jsonl, passkey.jsonl or ruler.jsonl in it")
     for p in [*paths, report]:
         print(p)
     return 0
@@ -351,7 +355,8 @@ def add_lm_eval(subparsers):
 
 
 # Each entry adds one subcommand: `add(subparsers)`. A new eval kind appends its own here.
-SUBCOMMANDS = [add_methods, add_info, add_eval, add_sweep_default, add_passkey, add_plot, add_lm_eval]
+SUBCOMMANDS = [add_methods, add_info, add_eval, add_sweep_default, add_passkey, add_plot, add_lm_eval,
+               add_ruler, add_tune]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,7 +12,8 @@ lines, bands and labels) and a run-directory wrapper that reads the result files
 - `difference_figure` / `per_position`: per position, each method's loss minus a reference
   method's on the same tokens, averaged over buckets of positions, with a paired band, so
   the content's own swings cancel;
-- `accuracy_heatmap` / `passkey`: task accuracy, depth × length, one panel per method.
+- `accuracy_heatmap` / `passkey`, `ruler_TASK`: task accuracy, depth × length, one panel per method
+  (one heatmap per RULER-style task).
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from . import summary  # noqa: E402
+from . import protocols, summary  # noqa: E402
+from .passkey import accuracy  # noqa: E402
+from .ruler_run import depth_table  # noqa: E402
 from .uncertainty import loss_interval  # noqa: E402
 
 ZOOM_MARGIN = 0.5  # nats above the best method at some length: such a method is left out of the zoomed panel
@@ -183,13 +186,7 @@ def accuracy_heatmap(cells: dict[str, dict[tuple[int, float], float]], *, title:
     return fig
 
 
-# --- run-directory wrappers (today's record format; evals/summary.py) ---------------------------
-
-
-def _protocol_label(protocol: dict) -> str:
-    return {"fixed-target": f"loss on the last {protocol.get('targets')} tokens",
-            "position": "mean loss over the first N tokens",
-            "sliding": f"sliding-window loss (stride {protocol.get('stride')})"}.get(protocol["name"], "loss")
+# --- run-directory wrappers (records of the result store; rows keyed as in summary.labels) -------
 
 
 def _point(docs: list[np.ndarray], seed: int) -> tuple[float, float, float]:
@@ -202,18 +199,29 @@ def _point(docs: list[np.ndarray], seed: int) -> tuple[float, float, float]:
         return mean, mean, mean
 
 
-def curves_from_records(protocol: dict, records: list[dict], points: int = 24, seed: int = 0):
-    """{method: {length: (mean, low, high)}} with intervals over documents and token blocks.
+def _rows(records: list[dict]) -> dict[str, list[dict]]:
+    """{row label: its successful records}; rows as in summary.labels (model, method, parameters)."""
+    names = summary.labels(records)
+    rows: dict[str, list[dict]] = {label: [] for label in names.values()}
+    for r in records:
+        if r.get("status") == "ok":
+            rows[names[summary.group_of(r)]].append(r)
+    return rows
 
-    fixed-target: each length's target losses. position: for a prefix-consistent method,
-    `points` log-spaced lengths up to its longest forward (every prefix mean is a point, no
-    extra forward); otherwise the lengths it was run at. sliding: the point alone.
+
+def curves_from_records(protocol: dict, records: list[dict], points: int = 24, seed: int = 0):
+    """{row label: {length: (mean, low, high)}} with intervals over documents and token blocks.
+
+    Each record's own parameters (`params`) say how it was scored. fixed-target: each
+    length's target losses. position: for a prefix-consistent method, `points` log-spaced
+    lengths up to its longest forward (every prefix mean is a point, no extra forward);
+    otherwise the lengths it was run at. sliding: the point alone.
     """
     out: dict[str, dict[int, tuple[float, float, float]]] = {}
-    for method in summary.methods_in(records):
-        mine = [r for r in records if r["method"] == method and r.get("status") == "ok"]
+    for label, mine in _rows(records).items():
         row = {}
-        if protocol["name"] == "position" and mine and all(r.get("prefix_consistent") for r in mine):
+        name = mine[0]["params"]["protocol"] if mine else None
+        if name == "position" and all(r.get("prefix_consistent") for r in mine):
             longest = max(r["length"] for r in mine)
             docs = [np.asarray(r["losses"]) for r in mine if r["length"] == longest]
             shortest = min(min(r.get("lengths", [longest])) for r in mine)
@@ -222,33 +230,35 @@ def curves_from_records(protocol: dict, records: list[dict], points: int = 24, s
         else:
             for n in sorted({r["length"] for r in mine}):
                 here = [r for r in mine if r["length"] == n]
-                if protocol["name"] == "fixed-target":
-                    row[n] = _point([np.asarray(r["losses"][-protocol["targets"]:]) for r in here], seed)
-                elif protocol["name"] == "position":
+                if name == "fixed-target":
+                    row[n] = _point([np.asarray(r["losses"][-r["params"]["targets"]:]) for r in here], seed)
+                elif name == "position":
                     row[n] = _point([np.asarray(r["losses"][: n - 1]) for r in here], seed)
                 else:
                     mean = sum(r["loss"] * r["scored_tokens"] for r in here) / sum(r["scored_tokens"] for r in here)
                     row[n] = (mean, mean, mean)
-        out[method] = row
+        out[label] = row
     return out
 
 
 def loss_vs_context_figure(protocol: dict, records: list[dict]):
     return loss_figure(curves_from_records(protocol, records), train_length=protocol.get("train_length"),
-                       ylabel=f"{_protocol_label(protocol)} (nats)",
+                       ylabel=f"{protocols.get(protocol['name']).axis_label(protocol)} (nats)",
                        title=f"{protocol['model']}: loss versus context ({protocol['name']} protocol, {protocol['data']})")
 
 
 def _position_losses(records: list[dict]) -> dict[str, list[np.ndarray]]:
-    """{method: per-document losses of its longest forward}, documents in a fixed order, cut to a common width."""
-    longest: dict[str, int] = {}
-    for r in records:
-        if r.get("status") == "ok" and r.get("protocol") != "sliding":
-            longest[r["method"]] = max(longest.get(r["method"], 0), r["length"])
-    by: dict[str, dict[str, np.ndarray]] = {}
-    for r in records:
-        if r.get("status") == "ok" and longest.get(r["method"]) == r["length"] and r.get("protocol") != "sliding":
-            by.setdefault(r["method"], {})[r["document"]] = np.asarray(r["losses"], dtype=np.float64)
+    """{row label: per-document losses of its longest forward}, documents in a fixed order, cut to a common width.
+
+    Sliding-window records are left out: their positions do not share one context origin.
+    """
+    longest: dict[str, list[dict]] = {}
+    for label, mine in _rows(records).items():
+        mine = [r for r in mine if r["params"].get("protocol") != "sliding"]
+        if mine:
+            top = max(r["length"] for r in mine)
+            longest[label] = [r for r in mine if r["length"] == top]
+    by = {label: {r["document"]: np.asarray(r["losses"], dtype=np.float64) for r in rs} for label, rs in longest.items()}
     shared = sorted(set.intersection(*(set(v) for v in by.values()))) if by else []
     if not shared:
         return {}
@@ -269,13 +279,10 @@ def per_position_figure(protocol: dict, records: list[dict], reference: str | No
 
 
 def passkey_figure(protocol: dict, records: list[dict]):
-    cells: dict[str, dict[tuple[int, float], list[bool]]] = {}
-    for r in records:
-        if r.get("status") == "ok":
-            cells.setdefault(r["method"], {}).setdefault((r["length"], r["depth"]), []).append(r["correct"])
-    if not cells:
+    """Passkey accuracy heatmap, one panel per row label (evals/passkey.py `accuracy`); None without data."""
+    acc = accuracy(records)
+    if not acc:
         return None
-    acc = {m: {c: sum(v) / len(v) for c, v in cs.items()} for m, cs in cells.items()}
     return accuracy_heatmap(acc, title=f"{protocol['model']}: passkey retrieval (greedy)")
 
 
@@ -290,6 +297,11 @@ def run_figures(run_dir) -> dict:
     protocol, records = summary.load(run_dir, "passkey.jsonl")
     if protocol is not None and (fig := passkey_figure(protocol, records)) is not None:
         figures["passkey"] = fig
+    protocol, records = summary.load(run_dir, "ruler.jsonl")
+    if protocol is not None:
+        for task, cells in depth_table(records).items():
+            figures[f"ruler_{task}"] = accuracy_heatmap(cells, title=f"{protocol['model']}: {task} (RULER-style, greedy)",
+                                                        what="mean score")
     return figures
 
 

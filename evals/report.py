@@ -1,6 +1,8 @@
 """A markdown report per run directory, from its result files alone: the table of methods ×
-lengths, per-position bucket means, passkey accuracy, failures, the protocol and the
-environment."""
+lengths with 95% intervals and the paired tie marks (evals/evidence.py), per-position bucket
+means, passkey accuracy, RULER-style scores by task, length and depth, a section tying loss
+and retrieval by context length with each method's effective length, failures, the protocol
+and the environment."""
 
 from __future__ import annotations
 
@@ -9,7 +11,9 @@ import math
 from pathlib import Path
 
 from . import summary
+from .evidence import effective_lengths, loss_comparisons, ruler_by_length
 from .passkey import accuracy
+from .ruler_run import RELATIVE_FRACTION, RULER_THRESHOLD, task_table
 
 
 def _k(n: int) -> str:
@@ -20,29 +24,54 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
+def _cell(cell) -> str:
+    text = f"{cell.mean:.3f}" + (f" [{cell.interval.low:.3f}, {cell.interval.high:.3f}]" if cell.interval else "")
+    return f"**{text}**" if cell.tied else text
+
+
 def loss_table(protocol: dict, records: list[dict]) -> list[str]:
-    """The methods × lengths table (markdown lines): the headline of a run."""
+    """The methods × lengths table (markdown lines): the headline of a run.
+
+    Each loss has its 95% interval; bold marks the best method at a length and every method
+    the paired bootstrap cannot tell from it (evals/evidence.py). A row's loss is the
+    token-weighted mean of `summary.table`; rows without kept losses show that mean alone.
+    """
     rows = summary.table(protocol, records)
+    cells = loss_comparisons(records)
     lengths = summary.lengths_in(records)
-    body = [[f"`{m}`"] + [f"{row[n]:.3f} ({math.exp(row[n]):.1f})" if n in row else "–" for n in lengths]
-            for m, row in rows.items()]
+    body = []
+    for m, row in rows.items():
+        mine = cells.get(m, {})
+        body.append([f"`{m}`"] + [_cell(mine[n]) if n in mine else (f"{row[n]:.3f}" if n in row else "–")
+                                  for n in lengths])
     return _table(["method"] + [_k(n) for n in lengths], body)
+
+
+def interval_note(records: list[dict]) -> str:
+    """What the table's intervals and marks mean, and what they cover (one document or several)."""
+    documents = len({r["document"] for r in records if r.get("status") == "ok"})
+    cover = ("They cover token blocks of one window of one document only: they say how much these tokens' "
+             "loss could move, not how the methods compare on other text." if documents == 1 else
+             f"They cover {documents} documents and blocks of tokens inside each.")
+    return ("Loss in nats with its 95% interval (bootstrap over documents and blocks of contiguous scored tokens, "
+            "evals/uncertainty.py). Bold: the best method at that length and every method whose paired difference "
+            f"from it (same documents and blocks) has a 95% interval containing 0. {cover}")
 
 
 def print_loss_table(run_dir) -> None:
     """Print the loss table of `run_dir` (nothing if it has no perplexity results)."""
     protocol, records = summary.load(Path(run_dir))
     if protocol is not None and records:
-        print(f"Loss versus context, {protocol['name']} protocol (nats; perplexity in brackets), "
-              f"training length {protocol.get('train_length')}:")
+        print(f"Loss versus context, {protocol['name']} protocol, training length {protocol.get('train_length')}:")
         print("\n".join(loss_table(protocol, records)))
+        print(interval_note(records))
 
 
 def _perplexity_section(protocol: dict, records: list[dict]) -> list[str]:
     lines = [f"## Loss versus context ({protocol['name']} protocol)", "",
-             f"Mean next-token loss in nats (perplexity in brackets), token-weighted over "
-             f"{len({r['document'] for r in records})} document(s). Training length: {protocol.get('train_length')}.", ""]
-    lines += loss_table(protocol, records) + [""]
+             f"Mean next-token loss, token-weighted over {len({r['document'] for r in records})} document(s). "
+             f"Training length: {protocol.get('train_length')}.", ""]
+    lines += loss_table(protocol, records) + ["", interval_note(records), ""]
     curves = summary.position_curves(records)
     if curves:
         size = 2 ** int(math.log2(max(1.0, max(len(c) for c in curves.values()) / 6)))  # 2k buckets at 16k
@@ -72,6 +101,53 @@ def _passkey_section(protocol: dict, records: list[dict]) -> list[str]:
     return lines + [""]
 
 
+def _ruler_section(records: list[dict]) -> list[str]:
+    tables = task_table(records)
+    if not tables:
+        return []
+    lines = ["## RULER-style tasks", "",
+             "Mean score per task (RULER's string match) with its 95% interval over samples (Wilson for 0/1 "
+             "scores), all depths together; the heatmaps (`ruler_TASK.png`) show length × depth.", ""]
+    for task, rows in tables.items():
+        lengths = sorted({n for row in rows.values() for n in row})
+        lines += [f"### {task}", ""]
+        lines += _table(["method"] + [_k(n) for n in lengths],
+                        [[f"`{m}`"] + [f"{row[n].mean:.2f} [{row[n].low:.2f}, {row[n].high:.2f}]" if n in row else "–"
+                                       for n in lengths] for m, row in rows.items()])
+        lines += [""]
+    return lines
+
+
+def _evidence_section(ppl: list[dict], ruler: list[dict]) -> list[str]:
+    """Loss and retrieval by context length side by side, with each method's effective length."""
+    scores = ruler_by_length(ruler)
+    if not scores:
+        return []
+    losses = summary.table(None, ppl) if ppl else {}
+    relative, effective = effective_lengths(scores)
+    lengths = sorted({n for row in scores.values() for n in row} | {n for row in losses.values() for n in row})
+    lines = ["## Loss and retrieval by context length", "",
+             "Per method: the loss table's mean loss (nats) and the RULER-style score (percent; the mean over "
+             "tasks of each task's mean over samples and depths) at each length, and the effective length: "
+             f"the longest length whose score, and every shorter one's, stays at or above a threshold. RULER's "
+             f"threshold is {RULER_THRESHOLD} (Llama-2-7B's 4k score; Hsieh et al. 2024); the model-relative one "
+             f"is {RELATIVE_FRACTION:g} × the best method's score at the shortest length"
+             + (f" = {relative:.1f}." if relative is not None else " (none: no method scores there)."), ""]
+    body = []
+    for m in dict.fromkeys([*losses, *scores]):
+        cells = []
+        for n in lengths:
+            loss = f"{losses[m][n]:.3f}" if n in losses.get(m, {}) else "–"
+            score = f"{scores[m][n]:.0f}%" if n in scores.get(m, {}) else "–"
+            cells.append(f"{loss} / {score}")
+        ruler_len, relative_len = effective.get(m, (None, None))
+        show = lambda n: _k(n) if n else "–"  # noqa: E731
+        body.append([f"`{m}`", *cells, show(ruler_len), show(relative_len)])
+    lines += _table(["method"] + [f"{_k(n)} loss / score" for n in lengths]
+                    + [f"effective ({RULER_THRESHOLD})", "effective (relative)"], body)
+    return lines + ["", "An effective length of – means the shortest tested length is already below the threshold.", ""]
+
+
 def _failures(records: list[dict]) -> list[str]:
     failed = summary.failures(records)
     if not failed:
@@ -86,21 +162,24 @@ def write_report(run_dir) -> Path | None:
     run_dir = Path(run_dir)
     ppl_protocol, ppl = summary.load(run_dir)
     pk_protocol, pk = summary.load(run_dir, "passkey.jsonl")
-    if ppl_protocol is None and pk_protocol is None:
+    ruler_protocol, ruler = summary.load(run_dir, "ruler.jsonl")
+    if ppl_protocol is None and pk_protocol is None and ruler_protocol is None:
         return None
     lines = [f"# ropelab run: {run_dir.name}", ""]
     if ppl_protocol:
         lines += _perplexity_section(ppl_protocol, ppl)
     if pk_protocol:
         lines += _passkey_section(pk_protocol, pk)
-    lines += _failures(ppl + pk)
+    if ruler_protocol:
+        lines += _ruler_section(ruler) + _evidence_section(ppl, ruler)
+    lines += _failures(ppl + pk + ruler)
     skipped = summary.skipped_lines(run_dir)
     if skipped:
         lines += ["## Lines skipped (not records)", ""] + [f"- {s}" for s in skipped] + [""]
     figures = sorted(p.name for p in run_dir.glob("*.png"))
     if figures:
         lines += ["## Figures", ""] + [f"![{f}]({f})" for f in figures] + [""]
-    for title, protocol in (("perplexity", ppl_protocol), ("passkey", pk_protocol)):
+    for title, protocol in (("perplexity", ppl_protocol), ("passkey", pk_protocol), ("ruler", ruler_protocol)):
         if protocol:
             env = protocol.get("environment", {})
             shown = {k: v for k, v in protocol.items() if k not in ("environment", "type")}

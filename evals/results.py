@@ -1,7 +1,7 @@
 """The result store: append-only, locked, schema-versioned JSONL files in a run directory.
 
 Layout (docs/design.md, "Results"): a run directory holds one file per eval kind
-(`results.jsonl` for perplexity, `passkey.jsonl`, `lm_eval.jsonl`), and, for the ranks of a
+(`results.jsonl` for perplexity, `passkey.jsonl`, `lm_eval.jsonl`, `ruler.jsonl`, `tune.jsonl`), and, for the ranks of a
 sharded run, `KIND.shard-NAME.jsonl` beside it. Every file begins with a header line
 (`"type": "protocol"`, `"schema": SCHEMA`): exactly how every number in the file was made,
 including the model's identity. Each later line is one job's record, keyed by `key` =
@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 SCHEMA = 2
-KINDS = {"perplexity": "results", "passkey": "passkey", "lm-eval": "lm_eval"}
+KINDS = {"perplexity": "results", "passkey": "passkey", "lm-eval": "lm_eval", "ruler": "ruler", "tune": "tune"}
 RUN_LOCK = ".ropelab.lock"
 
 

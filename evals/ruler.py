@@ -231,7 +231,8 @@ class Sample:
         return asdict(self)
 
 
-def _use_template(tokenizer, chat_template: str) -> bool:
+def uses_template(tokenizer, chat_template: str) -> bool:
+    """Whether `chat_template` (auto | on | off) applies the tokenizer's chat template; 'on' without one raises."""
     if chat_template not in CHAT_TEMPLATES:
         raise ValueError(f"chat_template={chat_template!r}: must be one of {', '.join(CHAT_TEMPLATES)}")
     has = bool(getattr(tokenizer, "chat_template", None))
@@ -249,6 +250,17 @@ def render(tokenizer, parts: Parts, templated: bool) -> str:
     return head + parts.answer_prefix
 
 
+def min_words(task: str, depth: float = 0.5, seed: int = 0) -> int:
+    """Whitespace-separated words of `task`'s smallest plain prompt (its needles and question, no filler).
+
+    A lower bound on its tokens for tokenizers that split on whitespace before merging (BPE
+    as in GPT-2, Llama, SmolLM2): no token spans two words, and a chat template only adds.
+    The CLI uses it to refuse a too-short length before the model loads.
+    """
+    parts = get_task(task).build(f"{task}:{seed}:bound", 0, float(depth))
+    return len(f"{parts.context}\n\n{parts.question}\n{parts.answer_prefix}".split())
+
+
 def count_tokens(tokenizer, text: str, add_special_tokens: bool) -> int:
     return len(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
@@ -261,7 +273,7 @@ def make_sample(tokenizer, task: str, length: int, depth: float = 0.5, index: in
         raise ValueError(f"length={length!r}: must be a positive integer (tokens)")
     if not isinstance(depth, (int, float)) or not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth={depth!r}: must be between 0 and 1 (fraction of the context before the needle)")
-    templated = _use_template(tokenizer, chat_template)
+    templated = uses_template(tokenizer, chat_template)
     special = not templated  # a chat template writes its own special tokens
     key = f"{task}:{seed}:{length}:{depth if spec.uses_depth else '-'}:{index}"
 

@@ -1,5 +1,6 @@
 """RULER-style tasks (evals/ruler.py) as local lm-evaluation-harness tasks, for the bridge in
-evals/lmeval.py (`run_lm_eval(..., include_path=DIR)`).
+evals/lmeval.py: `lm_eval_run(..., include_path=DIR)` (the runner's jobs, one per task) or
+`ropelab lm-eval --include-path DIR --tasks ropelab_ruler_niah-single`.
 
 `write_ruler_tasks` writes, per task, `ropelab_ruler_<task>.yaml` and its data
 (`.jsonl`: the generated prompts, their expected strings, length and depth) and one

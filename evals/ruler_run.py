@@ -1,40 +1,87 @@
 """Running RULER-style samples (evals/ruler.py) on a patched model, and what to make of them.
 
+- `ruler`: every method × task × length × depth × sample as jobs of the one runner
+  (evals/runner.py) into `ruler.jsonl` of the run directory (evals/results.py): resumable,
+  locked, keyed by (model identity, canonical method, parameters, job). The parameters are
+  `protocol: ruler`, the seed and the chat template actually used (`on`/`off`, `auto`
+  resolved), so one run directory holds runs of several tasks, seeds and templates and
+  their rows never mix; the job fields are task, length, depth and sample index;
 - `answer`: greedy generation for one sample, tokenized as the sample says;
-- `evaluate`: every method × sample, each record handed to `on_record` (the caller stores
-  it) and skipped when its key is already done, so a run resumes;
-- `task_table`: per task, method and length, the mean score with a 95% interval
-  (evals/uncertainty.py);
+- `task_table` / `depth_table`: per task and row (summary.labels), the mean score by length
+  with a 95% interval (evals/uncertainty.py), and by length and depth for the heatmap;
 - `effective_length`: RULER's effective length (Hsieh et al. 2024, "RULER: What's the Real
   Context Size of Your Long-Context Language Models?"): the longest length whose score, and
   every shorter length's, stays at or above a threshold. RULER's threshold is 85.6, the
   score of Llama-2-7B at 4k (`RULER_THRESHOLD`); for small models far below it,
   `relative_threshold` gives a model-relative one: a fraction of the model's own score at
   its shortest tested length;
-- `add_parser`: the `ropelab ruler` command (wired into the CLI by evals/cli.py).
+- `add_parser`: the `ropelab ruler` command (listed in evals/cli.py's SUBCOMMANDS).
 """
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 
 import torch
 
-import ropelab
-
-from .ruler import CHAT_TEMPLATES, TASKS, Sample, get_task, make_samples, score
+from .checks import check_depths, check_int, check_lengths
+from .identity import display_name, identity_key, model_identity
+from .models import default_apply_method, environment
+from .results import ResultStore, check_out
+from .ruler import CHAT_TEMPLATES, TASKS, Sample, get_task, make_samples, min_words, score, uses_template
+from .runner import Job, canonical_methods, run_jobs
+from .summary import group_of, labels
 from .uncertainty import Interval, accuracy_interval
 
 RULER_THRESHOLD = 85.6  # percent: Llama-2-7B's 4k score in the RULER paper
 RELATIVE_FRACTION = 0.85  # model-relative threshold: this fraction of the model's own shortest-length score
+SCORING = "RULER string match (all: fraction of expected strings in the prediction, case-insensitive)"
 
 
-def sample_key(model_id: str, method: str, s: Sample) -> str:
-    """A record's identity: everything that changes the prompt or its scoring."""
-    return json.dumps([model_id, method, s.task, s.length, s.depth, s.index, s.seed, s.chat_template],
-                      separators=(",", ":"))
+def ruler(model, tokenizer, tasks, methods, lengths, depths=(0.5,), samples: int = 1, *, seed: int = 0,
+          chat_template: str = "auto", out=None, model_id: str = "model", model_source: dict | None = None,
+          shard: str | None = None, apply_method=None, progress: bool = True) -> list[dict]:
+    """Run (or resume) RULER-style samples for every method; return the latest record of each job.
+
+    tasks: names in `ruler.TASKS` (one name counts as one). Every prompt is built, and so every
+    length checked against every task, before anything is written.
+    """
+    tasks = [tasks] if isinstance(tasks, str) else list(tasks)
+    if not tasks:
+        raise ValueError(f"tasks=[]: give at least one of {', '.join(TASKS)}")
+    for t in tasks:
+        get_task(t)
+    lengths, depths = check_lengths(lengths), check_depths(depths)
+    check_int("samples", samples)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed={seed!r}: must be an integer")
+    templated = uses_template(tokenizer, chat_template)
+    entries = canonical_methods(methods)
+    if out is not None:
+        check_out(out)
+    built = make_samples(tokenizer, tasks, lengths, depths, samples, seed, chat_template)
+    identity = model_identity(model, model_source or model_id)
+    key = identity_key(identity)
+    params = {"protocol": "ruler", "seed": seed, "chat_template": "on" if templated else "off"}
+    header = {"kind": "ruler", "model": display_name(identity), "model_identity": identity, "model_key": key,
+              "decoding": "greedy", "scoring": SCORING, "environment": environment()}
+
+    def make_jobs(entry):
+        return [Job({"task": s.task, "length": s.length, "depth": s.depth, "index": s.index}, s,
+                    {"prompt_tokens": s.tokens, "answers": s.answers, "metric": s.metric}) for s in built]
+
+    def execute(method, job):
+        start = time.perf_counter()
+        prediction = answer(model, tokenizer, job.payload)
+        return {"prediction": prediction, "score": score(prediction, job.payload.answers, job.payload.metric),
+                "seconds": time.perf_counter() - start}
+
+    with ResultStore(out, "ruler", shard) as store:
+        store.begin(header)
+        return run_jobs(model, store, entries, make_jobs, execute, model_key=key, params=params,
+                        base={"type": "ruler", "model": display_name(identity), "params": params},
+                        apply_method=apply_method or default_apply_method, desc="ruler", progress=progress)
 
 
 @torch.inference_mode()
@@ -47,61 +94,27 @@ def answer(model, tokenizer, sample: Sample) -> str:
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
-def evaluate(model, tokenizer, samples: list[Sample], methods, *, model_id: str = "model", apply_method,
-             on_record=None, done=frozenset()) -> list[dict]:
-    """Score every sample under every method; returns the new records.
-
-    apply_method: `(model, method) -> context manager` (e.g. `ropelab.patches.patched`).
-    on_record: called with each record as soon as it exists. done: keys to skip.
-    A method that fails to parse or patch is recorded as an error for each of its samples.
-    """
-    records = []
-    for entry in methods:
-        try:
-            method, error = ropelab.parse_method(entry), None
-            spec = method.spec()
-        except (ValueError, TypeError) as exc:
-            method, error, spec = None, exc, str(entry)
-        todo = [s for s in samples if sample_key(model_id, spec, s) not in done]
-        if not todo:
-            continue
-        context = None
-        if error is None:
-            try:
-                context = apply_method(model, method)
-                context.__enter__()
-            except Exception as exc:  # the patch refused: recorded, the other methods go on
-                error, context = exc, None
-        try:
-            for s in todo:
-                record = {"type": "ruler", "key": sample_key(model_id, spec, s), "model": model_id, "method": spec,
-                          "task": s.task, "length": s.length, "depth": s.depth, "index": s.index, "seed": s.seed,
-                          "chat_template": s.chat_template, "prompt_tokens": s.tokens, "answers": s.answers,
-                          "metric": s.metric}
-                if error is not None:
-                    record.update(status="error", error=f"{type(error).__name__}: {error}")
-                else:
-                    start = time.perf_counter()
-                    prediction = answer(model, tokenizer, s)
-                    record.update(status="ok", prediction=prediction, score=score(prediction, s.answers, s.metric),
-                                  seconds=time.perf_counter() - start)
-                records.append(record)
-                if on_record is not None:
-                    on_record(record)
-        finally:
-            if context is not None:
-                context.__exit__(None, None, None)
-    return records
+def _scores(records: list[dict], cell) -> dict[str, dict[str, dict]]:
+    """{task: {row label: {cell(record): [scores]}}} over successful records."""
+    names = labels(records)
+    out: dict[str, dict[str, dict]] = {}
+    for r in records:
+        if r.get("status") == "ok":
+            row = out.setdefault(r["task"], {}).setdefault(names[group_of(r)], {})
+            row.setdefault(cell(r), []).append(r["score"])
+    return out
 
 
 def task_table(records: list[dict]) -> dict[str, dict[str, dict[int, Interval]]]:
-    """{task: {method: {length: mean score with its 95% interval over samples (all depths)}}}."""
-    scores: dict[str, dict[str, dict[int, list[float]]]] = {}
-    for r in records:
-        if r.get("status") == "ok":
-            scores.setdefault(r["task"], {}).setdefault(r["method"], {}).setdefault(r["length"], []).append(r["score"])
+    """{task: {row label: {length: mean score with its 95% interval over samples (all depths)}}}."""
     return {t: {m: {n: accuracy_interval(v) for n, v in sorted(rows.items())} for m, rows in ms.items()}
-            for t, ms in scores.items()}
+            for t, ms in _scores(records, lambda r: r["length"]).items()}
+
+
+def depth_table(records: list[dict]) -> dict[str, dict[str, dict[tuple[int, float | None], float]]]:
+    """{task: {row label: {(length, depth): mean score}}}: the cells of a task's heatmap."""
+    return {t: {m: {c: sum(v) / len(v) for c, v in cells.items()} for m, cells in ms.items()}
+            for t, ms in _scores(records, lambda r: (r["length"], r["depth"])).items()}
 
 
 def effective_length(scores: dict[int, float], threshold: float) -> int | None:
@@ -141,39 +154,86 @@ def add_parser(subparsers):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chat-template", default="auto", choices=CHAT_TEMPLATES,
                    help="auto: the tokenizer's chat template when it has one; on: require it; off: plain text")
-    p.add_argument("--out", required=True, help="run directory (ruler.jsonl, resumable)")
+    p.add_argument("--out", required=True, help="run directory (ruler.jsonl, resumable; one writer at a time)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     return p
 
 
-def run_command(args) -> int:
-    """Validate everything, then load the model, then run; records go to OUT/ruler.jsonl."""
+def _split(text: str, flag: str, parse) -> list:
+    try:
+        values = [parse(t.strip()) for t in text.split(",") if t.strip()]
+    except ValueError as exc:
+        raise ValueError(f"{flag} {text!r}: {exc}") from None
+    if not values:
+        raise ValueError(f"{flag} {text!r}: give at least one value")
+    return values
+
+
+def check_command(args) -> dict:
+    """The run's inputs from the command line, or ValueError naming the flag, the value and the rule.
+
+    Needs no model: task names, lengths (against each task's smallest prompt, `ruler.min_words`),
+    depths in [0, 1], samples, methods, the model name, the dtype and `--out`.
+    """
+    import ropelab
     from ropelab.spec import parse_int_with_suffix
 
-    from .models import default_apply_method, load_model
-    from .results import ResultStore
+    from .models import check_dtype, check_model_name
+    from .results import check_can_write
 
-    lengths = [parse_int_with_suffix(t) for t in args.lengths.split(",") if t.strip()]
-    depths = [float(t) for t in args.depths.split(",") if t.strip()]
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    methods = [m for text in (args.methods or ["rope"]) for m in text.split(",") if m.strip()]
+    tasks = _split(args.tasks, "--tasks", str)
     for t in tasks:
-        get_task(t)  # an unknown name raises with did-you-mean, before the model loads
+        try:
+            get_task(t)
+        except ValueError as exc:
+            raise ValueError(f"--tasks: {exc}") from None
+    lengths = _split(args.lengths, "--lengths", parse_int_with_suffix)
+    depths = _split(args.depths, "--depths", float)
     for d in depths:
-        if not 0 <= d <= 1:
-            raise ValueError(f"--depths {args.depths!r}: depth={d} must be between 0 and 1")
-    model, tokenizer, model_id = load_model(args.model, args.dtype)
-    samples = make_samples(tokenizer, tasks, lengths, depths, args.samples, args.seed, args.chat_template)
-    store = ResultStore(f"{args.out}/ruler.jsonl")
-    # tasks, seed and template are in every record and its key: one directory can hold several runs
-    store.set_protocol({"kind": "ruler", "model": model_id, "decoding": "greedy",
-                        "scoring": "RULER string match (all: fraction of expected strings in the prediction)"})
-    records = evaluate(model, tokenizer, samples, methods, model_id=model_id, apply_method=default_apply_method,
-                       on_record=store.append, done=store.done())
-    for task, rows in task_table(store.latest()).items():
+        if not 0.0 <= d <= 1.0:
+            raise ValueError(f"--depths {args.depths!r}: depth={d:g} must be between 0 and 1 "
+                             "(fraction of the context before the needle)")
+    for t in tasks:
+        for n in lengths:
+            if n < (need := min_words(t, depths[0], args.seed)):
+                raise ValueError(f"--lengths {args.lengths!r}: length={n} is too short for task {t!r}: its needles "
+                                 f"and question alone have {need} words (at least {need} tokens)")
+    if args.samples < 1:
+        raise ValueError(f"--samples {args.samples}: must be an integer >= 1")
+    specs = [m for text in (args.methods or ["rope"]) for m in text.split(",") if m.strip()]
+    methods = []
+    for spec in specs:
+        try:
+            methods.append(ropelab.parse_method(spec).spec())
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"--methods {spec!r}: {exc}") from None
+    for flag, check, value in (("--model", check_model_name, args.model), ("--dtype", check_dtype, args.dtype)):
+        try:
+            check(value)
+        except ValueError as exc:
+            raise ValueError(f"{flag}: {exc}") from None
+    try:
+        check_can_write(args.out, "ruler")
+    except ValueError as exc:
+        raise ValueError(f"--out: {exc}") from None
+    return {"tasks": tasks, "lengths": lengths, "depths": depths, "methods": list(dict.fromkeys(methods))}
+
+
+def run_command(args) -> int:
+    """Validate everything, then load the model, then run; records go to OUT/ruler.jsonl."""
+    from .models import load_model
+
+    given = check_command(args)
+    model, tokenizer, source = load_model(args.model, args.dtype)
+    records = ruler(model, tokenizer, given["tasks"], given["methods"], given["lengths"], given["depths"],
+                    args.samples, seed=args.seed, chat_template=args.chat_template, out=args.out, model_source=source,
+                    progress=not args.quiet)
+    for task, rows in task_table(records).items():
         print(f"\n{task} (mean score, 95% interval)")
         for method, cells in rows.items():
             print(f"  {method}: " + "  ".join(f"{n}: {iv}" for n, iv in cells.items()))
+    print(f"results: {args.out}/ruler.jsonl; figures and report.md: ropelab plot {args.out}", file=sys.stderr)
     failed = [r for r in records if r.get("status") == "error"]
     if failed:
         print(f"{len(failed)} samples failed; first: {failed[0]['error'][:200]}", file=sys.stderr)

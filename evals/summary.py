@@ -20,7 +20,8 @@ import numpy as np
 from . import protocols
 from .results import read_run
 
-_FILES = {"results.jsonl": "perplexity", "passkey.jsonl": "passkey", "lm_eval.jsonl": "lm-eval"}
+_FILES = {"results.jsonl": "perplexity", "passkey.jsonl": "passkey", "lm_eval.jsonl": "lm-eval", "ruler.jsonl": "ruler",
+          "tune.jsonl": "tune"}
 
 
 def load(run_dir, name: str = "results.jsonl") -> tuple[dict | None, list[dict]]:
@@ -32,7 +33,7 @@ def load(run_dir, name: str = "results.jsonl") -> tuple[dict | None, list[dict]]
 def skipped_lines(run_dir) -> list[str]:
     """'FILE line N: why' for every complete line of the run's result files that is not a record."""
     out = []
-    for kind in ("perplexity", "passkey", "lm-eval"):
+    for kind in ("perplexity", "passkey", "lm-eval", "ruler", "tune"):
         out += [f"{name} line {n}: {why}" for name, n, why in read_run(Path(run_dir), kind).skipped]
     return out
 

@@ -12,7 +12,7 @@ Ranges are checked before any evaluation by constructing the method at their end
 every grid value) with `ropelab.get_method`, so a range that crosses a parameter's rule
 (`yarn` scale below 1, `beta-base` beta above 1) is refused with the method's own message.
 
-`suggest` gives rule-based starting points at no compute cost, each with its rule and source.
+Rule-based starting points at no compute cost are `ropelab suggest` (evals/suggest.py).
 """
 
 from __future__ import annotations
@@ -210,38 +210,3 @@ def tune_figure(evaluations: list[Evaluation], parameter: str, *, default=None, 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     return fig
-
-
-@dataclass(frozen=True)
-class Suggestion:
-    spec: str
-    rule: str
-    source: str
-
-
-def suggest(train_length: int, target_length: int) -> list[Suggestion]:
-    """Rule-based settings for every extension method at `target_length`, with the rule and its source."""
-    for name, v in (("train_length", train_length), ("target_length", target_length)):
-        if not isinstance(v, int) or v < 2:
-            raise ValueError(f"{name}={v!r}: must be an integer >= 2 (tokens)")
-    s = max(1, math.ceil(target_length / train_length))
-    k = 16
-    while train_length // 4 + (target_length - 1 - train_length // 4) / k > train_length / 2:
-        k *= 2
-    window, group = train_length // 4, 1
-    while (target_length - 1) // group + window - window // group >= train_length:  # SelfExtend's largest position
-        group += 1
-    return [
-        Suggestion(f"linear:scale={s}", "s = ceil(target / train length)", "Chen et al. 2023, Position Interpolation"),
-        Suggestion(f"ntk:scale={s}", "s = ceil(target / train length); base * s^(d/(d-2))", "bloc97 2023, NTK-aware scaled RoPE"),
-        Suggestion(f"dynamic-ntk:scale={s}", "scale grows with the current length, capped at s", "emozilla 2023, Dynamically scaled RoPE"),
-        Suggestion(f"beta-base:scale={s}", "s = ceil(target / train length), beta 0.625", "Su 2023, RoPE as a beta-based encoding"),
-        Suggestion(f"yarn:scale={s}", "s = ceil(target / train length), beta_fast 32, beta_slow 1", "Peng et al. 2023, YaRN"),
-        Suggestion(f"llama3:scale={s}", "s = ceil(target / train length), factors 1 and 4", "Meta 2024, Llama 3.1 rope_scaling"),
-        Suggestion(f"rerope:window={train_length // 2}", "w = L/2, the top of Su's L/4..L/2", "Su 2023, ReRoPE (bojone/rerope)"),
-        Suggestion(f"leaky-rerope:window={train_length // 4},scale={k}",
-                   "w = L/4; k doubled from 16 until w + (N-1-w)/k <= L/2", "Su 2023, Leaky ReRoPE"),
-        Suggestion(f"self-extend:window={window},group={group}",
-                   "w = L/4; the smallest G with (N-1)//G + w - w//G < L (every position seen in training)",
-                   "Jin et al. 2024, LLM Maybe LongLM (SelfExtend)"),
-    ]

@@ -1,11 +1,17 @@
-"""`ropelab tune` and `ropelab suggest`: evals/tune.py's search applied to a model.
+"""`ropelab tune`: evals/tune.py's search applied to a model.
 
-The objective is the fixed-target loss (bojone/rerope's protocol, evals/perplexity.py): the
+The objective is the fixed-target loss (bojone/rerope's protocol, evals/protocols.py): the
 mean loss on the last `targets` tokens of `target_length`-token windows, with a 95% interval
 over documents and token blocks (evals/uncertainty.py). Tuning uses documents *after* the
 first `skip` ones, which are the ones the main job reports on (`--skip-documents`, default
-1), so the setting is not chosen on the tokens it is judged on. Evaluations go to
-`OUT/tune.jsonl` as they finish; a rerun reads them back as the search's cache.
+1), so the setting is not chosen on the tokens it is judged on.
+
+Every evaluation is a record of the run's result store (`OUT/tune.jsonl`, evals/results.py:
+locked, schema-versioned), keyed by (model identity, canonical method spec, the search's
+parameters, the documents); a rerun reads the records back as the search's cache and so
+resumes where it stopped. The parameters (method, target length, targets, data, documents,
+held values) live in each record, not the header, so one directory can hold several searches.
+Rule-based starting points without compute are `ropelab suggest` (evals/suggest.py).
 """
 
 from __future__ import annotations
@@ -13,11 +19,12 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 
-from .tune import Continuous, Grid, Search, suggest, tunable, tune_figure
+from .tune import Continuous, Grid, Search, tunable, tune_figure
 from .uncertainty import Interval, loss_interval
 
 
@@ -83,7 +90,7 @@ def loss_objective(model, documents: list[list[int]], length: int, targets: int,
 
 
 def add_parser(subparsers):
-    """Add `tune` and `suggest` to an argparse subparsers object."""
+    """Add `tune` to an argparse subparsers object; the handler is `run_tune`."""
     p = subparsers.add_parser("tune", help="search a method's parameters by fixed-target loss at a target length")
     p.set_defaults(func=run_tune)
     p.add_argument("--model", default="default")
@@ -97,12 +104,7 @@ def add_parser(subparsers):
     p.add_argument("--data", default="stdlib")
     p.add_argument("--out", required=True, help="run directory (tune.jsonl, resumable; tune_<param>.png)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    q = subparsers.add_parser("suggest", help="rule-based settings for every method, no compute")
-    q.set_defaults(func=run_suggest)
-    q.add_argument("--model", default="default", help="model to read the training length from")
-    q.add_argument("--train-length", default=None, help="skip loading: the training length, e.g. 8k")
-    q.add_argument("--target-length", required=True)
-    return p, q
+    return p
 
 
 def _fixed(text: str) -> dict:
@@ -111,65 +113,95 @@ def _fixed(text: str) -> dict:
         name, sep, value = part.partition("=")
         if not sep:
             raise ValueError(f"--fixed {text!r}: expected name=value,...")
-        out[name] = int(value) if value.lstrip("-").isdigit() else float(value)
+        try:
+            out[name] = int(value) if value.lstrip("-").isdigit() else float(value)
+        except ValueError:
+            raise ValueError(f"--fixed {text!r}: {name}={value!r} is not a number") from None
     return out
 
 
-def run_tune(args) -> int:
-    """Validate the search (ranges against the method's rules) before loading anything; then search."""
+def check_command(args) -> dict:
+    """The search's inputs from the command line, or ValueError naming the flag (no model loaded, nothing written)."""
     import ropelab
     from ropelab.spec import parse_int_with_suffix
 
-    from .data import select_documents
-    from .models import default_apply_method, load_model, train_length
-    from .results import ResultStore
+    from .data import check_source
+    from .models import check_dtype, check_model_name
+    from .results import check_can_write
 
-    length = parse_int_with_suffix(args.target_length)
-    ropelab.method_class(args.method)  # unknown name: did-you-mean, before loading
+    try:
+        length = parse_int_with_suffix(args.target_length)
+    except ValueError as exc:
+        raise ValueError(f"--target-length {args.target_length!r}: {exc}") from None
+    ropelab.method_class(args.method)  # unknown name: did-you-mean
     given = dict(parse_param(t) for t in args.param or [])
     fixed = _fixed(args.fixed)
     if given:
         Search(args.method, given, lambda m: 0.0, fixed=fixed)  # checks the ranges against the method's rules
     elif args.method not in DEFAULT_SPACES:
         default_space(args.method, 2, 2)  # raises: nothing to tune by default
-    if args.documents < 1 or args.skip_documents < 0:
-        raise ValueError(f"--documents {args.documents} / --skip-documents {args.skip_documents}: need >= 1 and >= 0")
-    model, tokenizer, model_id = load_model(args.model, args.dtype)
-    train = train_length(model)
-    space = given or default_space(args.method, train, length)
-    store = ResultStore(Path(args.out) / "tune.jsonl")
-    store.set_protocol({"kind": "tune", "model": model_id, "method": args.method, "target_length": length,
-                        "targets": args.targets, "data": args.data, "documents": args.documents,
-                        "skip_documents": args.skip_documents, "fixed": fixed,
-                        "space": {k: repr(v) for k, v in space.items()}})
+    if not 0 < args.targets < length:
+        raise ValueError(f"--targets {args.targets}: must be between 1 and --target-length - 1 = {length - 1}")
+    if args.documents < 1:
+        raise ValueError(f"--documents {args.documents}: must be an integer >= 1")
+    if args.skip_documents < 0:
+        raise ValueError(f"--skip-documents {args.skip_documents}: must be an integer >= 0")
+    data = check_source(args.data)
+    for flag, check, value in (("--model", check_model_name, args.model), ("--dtype", check_dtype, args.dtype)):
+        try:
+            check(value)
+        except ValueError as exc:
+            raise ValueError(f"{flag}: {exc}") from None
+    try:
+        check_can_write(args.out, "tune")
+    except ValueError as exc:
+        raise ValueError(f"--out: {exc}") from None
+    return {"length": length, "given": given, "fixed": fixed, "data": data}
+
+
+def run_tune(args) -> int:
+    """Validate the search (ranges against the method's rules) before loading anything; then search."""
+    from .data import select_documents
+    from .identity import display_name, identity_key, model_identity
+    from .models import default_apply_method, environment, load_model, train_length
+    from .results import ResultStore, job_key
+
+    c = check_command(args)
+    length = c["length"]
+    model, tokenizer, source = load_model(args.model, args.dtype)
+    space = c["given"] or default_space(args.method, train_length(model), length)
+    Search(args.method, space, lambda m: 0.0, fixed=c["fixed"])  # the default space against the rules, before writing
     docs = select_documents(args.data, tokenizer, length, args.documents + args.skip_documents)[args.skip_documents:]
+    identity = model_identity(model, source)
+    key, name = identity_key(identity), display_name(identity)
+    params = {"protocol": "tune", "objective": "fixed-target", "method": args.method, "target_length": length,
+              "targets": args.targets, "data": c["data"], "documents": args.documents,
+              "skip_documents": args.skip_documents, "fixed": c["fixed"]}
+    fields = {"documents": [d.id for d in docs]}
     objective = loss_objective(model, [d.ids for d in docs], length, args.targets, default_apply_method)
-    cache = {r["spec"]: Interval(**r["interval"]) for r in store.latest() if r.get("status") == "ok"}
+    with ResultStore(args.out, "tune") as store:
+        store.begin({"kind": "tune", "model": name, "model_identity": identity, "model_key": key,
+                     "loss": "next-token cross-entropy, nats, token-weighted means", "environment": environment()})
+        cache = {r["method"]: Interval(**r["interval"]) for r in store.latest()
+                 if r.get("status") == "ok" and r["key"] == job_key(key, r["method"], params, fields)}
 
-    def on_result(spec, params, value):
-        store.append({"type": "tune", "key": spec, "spec": spec, "params": params, "status": "ok", "interval": value.as_dict()})
-        print(f"  {spec}: {value}", file=sys.stderr)
+        def timed(method):
+            start = time.perf_counter()
+            value = objective(method)
+            seconds[method.spec()] = time.perf_counter() - start
+            return value
 
-    search = Search(args.method, space, objective, fixed=fixed,
-                    cache=cache, on_result=on_result)
-    best = search.run()
+        def on_result(spec, setting, value):
+            store.append({"type": "tune", "key": job_key(key, spec, params, fields), "model_key": key, "model": name,
+                          "method": spec, "params": params, **fields, "setting": setting, "status": "ok",
+                          "interval": value.as_dict(), "seconds": seconds.get(spec)})
+            print(f"  {spec}: {value}", file=sys.stderr)
+
+        seconds: dict[str, float] = {}
+        search = Search(args.method, space, timed, fixed=c["fixed"], cache=cache, on_result=on_result)
+        best = search.run()
     for p in space:
-        tune_figure(search.evaluations, p, title=f"{model_id}: {args.method} at {length} tokens").savefig(
+        tune_figure(search.evaluations, p, title=f"{name}: {args.method} at {length} tokens").savefig(
             Path(args.out) / f"tune_{p}.png", dpi=120, bbox_inches="tight")
     print(json.dumps({"best": best.spec, "loss": best.value.as_dict()}))
-    return 0
-
-
-def run_suggest(args) -> int:
-    from ropelab.spec import parse_int_with_suffix
-
-    target = parse_int_with_suffix(args.target_length)
-    if args.train_length:
-        train = parse_int_with_suffix(args.train_length)
-    else:
-        from .models import load_model, train_length
-
-        train = train_length(load_model(args.model)[0])
-    for s in suggest(train, target):
-        print(f"{s.spec:45s} {s.rule}  [{s.source}]")
     return 0

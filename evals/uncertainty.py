@@ -39,6 +39,8 @@ from statistics import NormalDist
 
 import numpy as np
 
+from .summary import group_of, labels  # the one place that names a run's rows
+
 CONFIDENCE = 0.95
 RESAMPLES = 2000  # percentile error of a 95% bound ~ 1/sqrt(R * 0.025) of the spread: small next to the spread
 MIN_BLOCKS = 10  # below this the bootstrap distribution has too few distinct values to trust its tails
@@ -264,14 +266,19 @@ def accuracy_interval(scores, *, resamples: int = RESAMPLES, seed: int = 0) -> I
     return Interval(mean, low, high, x.size, x.size, 1, "percentile bootstrap over samples")
 
 
-def fixed_target_losses(records: list[dict], targets: int) -> dict[tuple[str, int], list[np.ndarray]]:
-    """Adapter from today's perplexity records: {(method, length): [per-document target losses]}.
+def fixed_target_losses(records: list[dict]) -> dict[tuple[str, int], list[np.ndarray]]:
+    """Adapter from perplexity records: {(row label, length): [per-document target losses]}.
 
-    Each successful fixed-target record's last `targets` losses, documents in a fixed order
-    (sorted by id) so that every method's list pairs up.
+    Each successful fixed-target record's last `params["targets"]` losses, rows labelled as
+    in evals/summary.py (records made with different parameters never share a row),
+    documents in a fixed order (sorted by id) so that every row's list pairs up.
     """
+    names = labels(records)
     out: dict[tuple[str, int], dict[str, np.ndarray]] = {}
     for r in records:
-        if r.get("status") == "ok" and r.get("protocol") == "fixed-target":
-            out.setdefault((r["method"], r["length"]), {})[r["document"]] = np.asarray(r["losses"][-targets:], dtype=np.float64)
+        params = r.get("params", {})
+        if r.get("status") == "ok" and params.get("protocol") == "fixed-target":
+            targets = params["targets"]
+            out.setdefault((names[group_of(r)], r["length"]), {})[r["document"]] = np.asarray(r["losses"][-targets:],
+                                                                                             dtype=np.float64)
     return {k: [v[d] for d in sorted(v)] for k, v in out.items()}

@@ -87,3 +87,15 @@ def test_accuracy_heatmap_cells():
     assert grid.mask[0, 1] and grid[1, 1] == pytest.approx(0.8)  # missing cells stay empty
     with pytest.raises(ValueError, match="cells"):
         accuracy_heatmap({})
+
+
+def test_loss_axis_label_comes_from_the_protocol_registry(monkeypatch):
+    from ropelab.evals import protocols
+    from ropelab.evals.plots import loss_vs_context_figure
+
+    monkeypatch.setattr(protocols.get("fixed-target"), "axis_label", lambda header: f"custom {header['targets']}")
+    header = {"name": "fixed-target", "targets": 7, "model": "m", "data": "d", "train_length": 64}
+    records = [{"status": "ok", "method": "rope", "model_key": "k", "document": "a", "length": 32, "loss": 1.0,
+                "scored_tokens": 7, "params": {"protocol": "fixed-target", "window": 32, "targets": 7},
+                "losses": [1.0] * 31}]
+    assert loss_vs_context_figure(header, records).axes[0].get_ylabel() == "custom 7 (nats)"

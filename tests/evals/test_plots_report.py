@@ -8,7 +8,7 @@ import matplotlib.collections as mcoll
 from ropelab.evals import passkey, perplexity, plot_run, write_report
 from ropelab.evals import summary
 from ropelab.evals.plots import curves_from_records, run_figures
-from ropelab.evals.sweep import budget_seconds, default_methods
+from ropelab.evals.sweep import default_methods
 
 
 def test_plots_and_report_from_files_alone(model, tokenizer, text_dir, tmp_path):
@@ -26,6 +26,7 @@ def test_plots_and_report_from_files_alone(model, tokenizer, text_dir, tmp_path)
     assert names == sorted(f"{n}.{ext}" for n in ("loss_vs_context", "per_position", "passkey") for ext in ("png", "svg"))
     figures = run_figures(copy)
     (loss,) = figures["loss_vs_context"].axes  # nothing explodes on 32 tokens: one panel
+    assert loss.get_ylabel() == "mean loss over the first N tokens (nats)"  # the position protocol's own axis label
     labels = [line.get_label() for line in loss.get_lines()]
     assert labels == ["rope", "dynamic-ntk:scale=2", "training length 64"]
     # rope is prefix-consistent: its curve has a point per prefix length from 16 to 32 (from one forward);
@@ -52,4 +53,4 @@ def test_default_sweep_parameters_and_budget():
     # Su's rule w + (N-1-w)/k <= L/2 raises k when N grows.
     leaky = default_methods(8192, 65536)[-1]
     assert leaky == "leaky-rerope:window=2048,scale=32"
-    assert budget_seconds([4096, 16384]) < 13 * 60  # the main job fits in 15 min with margin
+    # The main job's time is measured by benchmarks/bench_main_job.py, not asserted from an estimate.

@@ -1,34 +1,59 @@
 """Running RULER-style samples: records, resume, errors, intervals, effective length, the command."""
 
-import argparse
 import contextlib
 import json
 
 import pytest
 
+from ropelab.evals import cli
 from ropelab.evals.ruler import make_samples
 from ropelab.evals.ruler_run import (
-    RULER_THRESHOLD, add_parser, effective_length, evaluate, relative_threshold, sample_key, task_table,
+    RULER_THRESHOLD, answer, depth_table, effective_length, relative_threshold, ruler, task_table,
 )
+from ropelab.evals.results import read_run
 
 unpatched = lambda m, method: contextlib.nullcontext(m)  # noqa: E731
 
 
-def test_evaluate_records_resumes_and_records_errors(model, tokenizer):
-    samples = make_samples(tokenizer, ["passkey"], [400], depths=[0.5], samples=2, chat_template="off")
-    seen = []
-    records = evaluate(model, tokenizer, samples, ["rope", "nope:x=1"], apply_method=unpatched, on_record=seen.append)
-    assert records == seen and len(records) == 4
+def test_ruler_jobs_record_resume_and_errors(model, tokenizer, tmp_path):
+    out = tmp_path / "run"
+    kw = dict(depths=[0.5], samples=2, chat_template="off", out=out, apply_method=unpatched, progress=False)
+    records = ruler(model, tokenizer, "passkey", ["rope", "nope:x=1"], [400], **kw)
+    assert len(records) == 4
     ok = [r for r in records if r["status"] == "ok"]
     assert len(ok) == 2 and all(r["score"] in (0.0, 1.0) and isinstance(r["prediction"], str) for r in ok)
     assert all("nope" in r["method"] and r["error"].startswith("ValueError") for r in records if r["status"] == "error")
-    done = {r["key"] for r in ok}
-    assert evaluate(model, tokenizer, samples, ["rope"], apply_method=unpatched, done=done) == []  # resumed
-    assert json.loads(ok[0]["key"])[2:4] == ["passkey", 400]
+    assert ok[0]["params"] == {"protocol": "ruler", "seed": 0, "chat_template": "off"}
+    assert json.loads(ok[0]["key"])[3] == {"task": "passkey", "length": 400, "depth": 0.5, "index": 0}
+    # the stored prediction is what greedy generation gives for that sample
+    (sample,) = [s for s in make_samples(tokenizer, ["passkey"], [400], [0.5], 2, chat_template="off") if s.index == 0]
+    assert ok[0]["prediction"] == answer(model, tokenizer, sample)
+    lines = len((out / "ruler.jsonl").read_text().splitlines())
+    again = ruler(model, tokenizer, ["passkey"], ["rope"], [400], **kw)  # resumed: nothing run, nothing written
+    assert len(again) == 2 and len((out / "ruler.jsonl").read_text().splitlines()) == lines
+    seeded = ruler(model, tokenizer, ["passkey"], ["rope"], [400], seed=1, **kw)  # another seed: new jobs, own row
+    assert len(seeded) == 2 and all(r["params"]["seed"] == 1 for r in seeded)
+    assert set(task_table(read_run(out, "ruler").records)["passkey"]) == {"rope [seed=0]", "rope [seed=1]"}  # errors: no row
+
+
+def test_ruler_refuses_before_writing(model, tokenizer, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match="length=8: task 'passkey' needs at least"):
+        ruler(model, tokenizer, ["passkey"], ["rope"], [8], out=out, apply_method=unpatched, progress=False)
+    with pytest.raises(ValueError, match="task='paskey'"):
+        ruler(model, tokenizer, ["paskey"], ["rope"], [400], out=out, apply_method=unpatched, progress=False)
+    assert not out.exists()
+
+
+def test_depth_table_cells():
+    recs = [{"status": "ok", "task": "niah-single", "method": "rope", "length": 1024, "depth": d, "score": s,
+             "params": {"protocol": "ruler"}, "model_key": "k"} for d, s in ((0.1, 1.0), (0.1, 0.0), (0.9, 1.0))]
+    assert depth_table(recs) == {"niah-single": {"rope": {(1024, 0.1): 0.5, (1024, 0.9): 1.0}}}
 
 
 def test_task_table_intervals():
-    recs = [{"status": "ok", "task": "passkey", "method": "rope", "length": 1024, "score": s} for s in (1, 1, 0, 1)]
+    recs = [{"status": "ok", "task": "passkey", "method": "rope", "length": 1024, "score": s, "params": {}, "model_key": "k"}
+            for s in (1, 1, 0, 1)]
     iv = task_table(recs)["passkey"]["rope"][1024]
     assert iv.mean == 0.75 and iv.low < 0.75 < iv.high
 
@@ -44,28 +69,22 @@ def test_effective_length_is_rulers_definition():
 
 
 def test_command_end_to_end(model_dir, tmp_path, capsys):
-    parser = argparse.ArgumentParser()
-    add_parser(parser.add_subparsers(dest="command"))
     out = tmp_path / "run"
-    args = parser.parse_args(["ruler", "--model", str(model_dir), "--tasks", "passkey", "--lengths", "300",
-                              "--depths", "0.5", "--samples", "1", "--out", str(out)])
-    assert args.func(args) == 0
+    common = ["ruler", "--model", str(model_dir), "--lengths", "300", "--depths", "0.5", "--samples", "1", "--quiet",
+              "--out", str(out)]
+    assert cli.main([*common, "--tasks", "passkey"]) == 0
     lines = (out / "ruler.jsonl").read_text().splitlines()
     assert json.loads(lines[0])["kind"] == "ruler" and json.loads(lines[1])["task"] == "passkey"
     assert "passkey (mean score, 95% interval)" in capsys.readouterr().out
-    more = parser.parse_args(["ruler", "--model", str(model_dir), "--tasks", "niah-single", "--lengths", "300",
-                              "--depths", "0.5", "--samples", "1", "--chat-template", "off", "--out", str(out)])
-    assert more.func(more) == 0  # another task in the same directory
+    assert cli.main([*common, "--tasks", "niah-single", "--chat-template", "off"]) == 0  # another task, same directory
     assert len((out / "ruler.jsonl").read_text().splitlines()) == 3
-    bad = parser.parse_args(["ruler", "--model", str(model_dir), "--tasks", "paskey", "--out", str(tmp_path / "b")])
-    with pytest.raises(ValueError, match="did you mean 'passkey'"):
-        bad.func(bad)
+    assert cli.main([*common, "--tasks", "passkey"]) == 0  # resumed: nothing new
+    assert len((out / "ruler.jsonl").read_text().splitlines()) == 3
+    assert cli.main(["plot", str(out)]) == 0 and (out / "ruler_passkey.png").is_file()
+    assert "### niah-single" in (out / "report.md").read_text()
+    assert cli.main(["ruler", "--model", str(model_dir), "--tasks", "paskey", "--out", str(tmp_path / "b")]) == 2
+    assert "did you mean 'passkey'" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()  # refused before anything was written
-
-
-def test_sample_key_changes_with_template(tokenizer):
-    (s,) = make_samples(tokenizer, ["passkey"], [300], chat_template="off")
-    assert sample_key("m", "rope", s) != sample_key("m", "yarn", s)
 
 
 @pytest.mark.slow
@@ -74,6 +93,6 @@ def test_default_model_finds_a_single_needle_at_1k():
     import ropelab
 
     model, tok = ropelab.load_default_model()
-    samples = make_samples(tok, ["niah-single"], [1024], depths=[0.5], chat_template="on")
-    (record,) = evaluate(model, tok, samples, ["rope"], apply_method=unpatched)
+    (record,) = ruler(model, tok, ["niah-single"], ["rope"], [1024], [0.5], chat_template="on", apply_method=unpatched,
+                      progress=False)
     assert record["score"] == 1.0, record["prediction"]

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from ropelab.evals.tune import Continuous, Grid, Search, suggest, tunable, tune_figure
+from ropelab.evals.tune import Continuous, Grid, Search, tunable, tune_figure
 from ropelab.evals.uncertainty import Interval
 
 
@@ -86,14 +86,3 @@ def test_tune_figure_marks_best_and_default():
     assert ax.get_xlabel() == "scale"
     with pytest.raises(ValueError, match="parameter='beta'"):
         tune_figure(search.evaluations, "beta")
-
-
-def test_suggest_rules():
-    out = {s.spec.split(":")[0]: s for s in suggest(8192, 16384)}
-    assert out["yarn"].spec == "yarn:scale=2" and out["rerope"].spec == "rerope:window=4096"
-    assert out["leaky-rerope"].spec == "leaky-rerope:window=2048,scale=16"  # 2048 + 14335/16 = 2944 <= 4096
-    w, g = 2048, int(out["self-extend"].spec.split("group=")[1])
-    assert (16384 - 1) // g + w - w // g < 8192 <= (16384 - 1) // (g - 1) + w - w // (g - 1)  # the smallest such G
-    assert all(s.rule and s.source for s in out.values())
-    with pytest.raises(ValueError, match="target_length=1"):
-        suggest(8192, 1)

@@ -1,10 +1,11 @@
-"""`ropelab tune` / `suggest` on a tiny model: evaluations stored as they finish, a rerun resumes, bad input refused first."""
+"""`ropelab tune` on a tiny model: evaluations stored as they finish, a rerun resumes, bad input refused first."""
 
 import argparse
 import json
 
 import pytest
 
+from ropelab.evals.results import SCHEMA
 from ropelab.evals.tune import Continuous, Grid
 from ropelab.evals.tune_run import add_parser, default_space, parse_param
 
@@ -22,8 +23,10 @@ def test_tune_end_to_end_then_resume(model_dir, text_dir, tmp_path, capsys):
     args = parser().parse_args(argv)
     assert args.func(args) == 0
     lines = (out / "tune.jsonl").read_text().splitlines()
-    protocol, records = json.loads(lines[0]), [json.loads(x) for x in lines[1:]]
-    assert protocol["kind"] == "tune" and protocol["skip_documents"] == 1
+    header, records = json.loads(lines[0]), [json.loads(x) for x in lines[1:]]
+    assert header["kind"] == "tune" and header["schema"] == SCHEMA and "model_key" in header
+    assert all(r["params"]["skip_documents"] == 1 and r["params"]["target_length"] == 48 for r in records)
+    assert len({r["key"] for r in records}) == len(records)  # every evaluation once
     assert len(records) == 8 and all(r["interval"]["low"] <= r["interval"]["mean"] <= r["interval"]["high"] for r in records)
     best = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert best["loss"]["mean"] == min(r["interval"]["mean"] for r in records)
@@ -55,10 +58,3 @@ def test_parse_param_and_default_space():
     space = default_space("leaky-rerope", 8192, 16384)
     assert space["window"] == Grid((1024, 2048, 4096)) and space["scale"].log
     assert default_space("yarn", 8192, 16384)["scale"] == Continuous(1.0, 8.0, log=True)
-
-
-def test_suggest_command(capsys):
-    args = parser().parse_args(["suggest", "--train-length", "8k", "--target-length", "16k"])
-    assert args.func(args) == 0
-    out = capsys.readouterr().out
-    assert "yarn:scale=2" in out and "rerope:window=4096" in out and "Peng et al. 2023, YaRN" in out

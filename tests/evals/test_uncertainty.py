@@ -128,9 +128,11 @@ def test_accuracy_interval_binary_and_partial():
 
 def test_adapter_from_fixed_target_records_pairs_documents():
     recs = [
-        {"status": "ok", "protocol": "fixed-target", "method": m, "length": 64, "document": d, "losses": list(range(10))}
+        {"status": "ok", "params": {"protocol": "fixed-target", "targets": 4}, "model_key": "k", "method": m,
+         "length": 64, "document": d, "losses": list(range(10))}
         for m in ("rope", "ntk") for d in ("b", "a")
-    ] + [{"status": "error", "protocol": "fixed-target", "method": "yarn", "length": 64, "document": "a"}]
-    out = fixed_target_losses(recs, targets=4)
+    ] + [{"status": "error", "params": {"protocol": "fixed-target", "targets": 4}, "model_key": "k", "method": "yarn",
+          "length": 64, "document": "a"}]
+    out = fixed_target_losses(recs)
     assert set(out) == {("rope", 64), ("ntk", 64)}
     assert [list(x) for x in out[("rope", 64)]] == [[6, 7, 8, 9]] * 2
