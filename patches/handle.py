@@ -266,6 +266,7 @@ def _plan_attention(model, method, family, sites, attentions) -> Callable[[Patch
         for attention, route in routes.items():
             handle._call(lambda a=attention, r=route: afn.ROUTES.__setitem__(a, r),
                          lambda a=attention: afn.ROUTES.pop(a, None))
+            handle._call(*afn.capture_cache(attention, route))  # rotated keys kept with the KV cache
         for module in rotaries.values():
             handle._set_attr(module, "forward", afn.identity_rotary_forward(module.forward, positions))
         for config in configs.values():

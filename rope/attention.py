@@ -75,9 +75,7 @@ def choose_backend(plan: Plan, backend: str = "auto") -> str:
         return "eager"
     if flash_attn.usable(plan):
         return "flash-attn"
-    if plan.softcap is not None or plan.query.device.type != "cpu":
-        return "eager"
-    return "cpu"
+    return "cpu" if cpu.takes(plan) else "eager"
 
 
 _RUN = {"cpu": cpu.run, "eager": eager.run, "flash-attn": flash_attn.run}

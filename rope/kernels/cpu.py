@@ -18,7 +18,7 @@ import torch
 from .merge import merge_into
 from .plan import Plan
 
-__all__ = ["run", "flash_attention_lse", "BAND"]
+__all__ = ["run", "takes", "single_row", "flash_attention_lse", "BAND"]
 
 _NEG_INF = float("-inf")
 
@@ -259,9 +259,52 @@ def _band_block(q, keys: _Keys, i0: int, lo: int, hi: int, scale: float, masks: 
     return out, lse
 
 
+def single_row(plan: Plan) -> torch.Tensor:
+    """One query row (a decoding step) in float32/float64: every part's logits written into
+    one row of keys, one softmax, one product with the values.
+
+    For one row the parts' keys are adjacent ranges ending at the last key (far [S - sw,
+    S - w), near [S - w, S)), so no merge is needed, and a plain matrix-vector product
+    costs fewer calls than the flash kernel twice plus a merge: at decode the per-call
+    overhead, not the arithmetic, is what the parts add to plain attention.
+    """
+    q, value = plan.query, plan.value
+    B, H, _, D = q.shape
+    Hkv, S = value.shape[1], value.shape[2]
+    g = H // Hkv
+    j0 = min(part.key_start for part in plan.parts)
+    logits = q.new_empty(B, Hkv, g, S - j0)
+    for part in plan.parts:
+        qp = plan.rotated_queries(part).view(B, Hkv, g, D)
+        kp = plan.rotated_keys(part)
+        torch.matmul(qp, kp.transpose(-1, -2), out=logits[..., part.key_start - j0 : part.key_stop - j0])
+        del qp, kp
+    logits.mul_(plan.scale)
+    if plan.softcap is not None:
+        logits.div_(plan.softcap).tanh_().mul_(plan.softcap)
+    if plan.key_padding_mask is not None:
+        logits.masked_fill_(~plan.key_padding_mask[:, None, None, j0:], _NEG_INF)
+    probs = torch.softmax(logits, dim=-1)
+    if plan.key_padding_mask is not None:
+        probs.nan_to_num_(0.0)  # a row whose keys are all padding: softmax of all -inf
+    return torch.matmul(probs, value[:, :, j0:]).view(B, H, 1, value.shape[-1])
+
+
+def _one_row(plan: Plan) -> bool:
+    return plan.query.shape[2] == 1 and plan.query.dtype in (torch.float32, torch.float64)
+
+
+def takes(plan: Plan) -> bool:
+    """Whether this backend can run `plan`: CPU tensors, and soft-capping only for one row in
+    float32/float64 (the flash kernel cannot cap logits)."""
+    return plan.query.device.type == "cpu" and (plan.softcap is None or _one_row(plan))
+
+
 def run(plan: Plan) -> torch.Tensor:
     """Attention of the plan's queries over its keys, (B, H, T, Dv) in query.dtype."""
     q, value = plan.query, plan.value
+    if _one_row(plan):
+        return single_row(plan)
     B, H, T, D = q.shape
     S, Dv = value.shape[2], value.shape[-1]
     dtype, device = q.dtype, q.device

@@ -27,6 +27,8 @@ __all__ = ["cos_sin_rows", "rotate", "frequencies_on", "TableCache"]
 
 # Elements per table: 16 MB each for cos and sin in float32 (131k positions at d=64).
 TABLE_LIMIT = 1 << 22
+# Up to this many positions per call are remembered by value, not looked up in a table.
+FEW_ROWS = 64
 
 
 class TableCache:
@@ -64,13 +66,29 @@ class TableCache:
 
 
 TABLES = TableCache(size=8)
+# (frequencies id, factor, dtype, positions) -> (weakref to frequencies, cos, sin), for a few rows
+ROWS: dict = {}
 
 
 def cos_sin_rows(positions: torch.Tensor, inv_freq: torch.Tensor, factor: float, dtype, tables: bool = True):
     """cos, sin (B, n, d/2) in `dtype` for positions (B, n) (integer, or float holding integers
     or not), both times `factor`. Same numbers whichever way they are found. `tables=False`
     computes them directly, with no synchronisation (what the device backends use)."""
-    if tables and positions.device.type == "cpu" and positions.numel():
+    if tables and positions.device.type == "cpu" and positions.numel() <= FEW_ROWS:
+        # A decoding step asks every layer for the same few rows: remember them by value
+        # (reading a few CPU numbers costs no synchronisation), so 1 layer in N computes.
+        key = (id(inv_freq), float(factor), dtype, positions.dtype, tuple(positions.shape),
+               positions.numpy().tobytes())
+        hit = ROWS.get(key)
+        if hit is not None and hit[0]() is inv_freq:
+            return hit[1], hit[2]
+        theta = angles(positions, inv_freq)
+        cos, sin = (theta.cos() * factor).to(dtype), (theta.sin() * factor).to(dtype)
+        ROWS[key] = (weakref.ref(inv_freq), cos, sin)
+        if len(ROWS) > 64:
+            ROWS.pop(next(iter(ROWS)))
+        return cos, sin
+    if tables and positions.device.type == "cpu":
         if positions.is_floating_point():
             rounded = positions.round()
             if torch.equal(rounded, positions):  # ReRoPE's w, SelfExtend's groups: integers
@@ -132,27 +150,39 @@ def rotate(x, positions, inv_freq, factor, layout, dtype, row_scale=None, tables
 
 class _Derived:
     """Frequency tensors derived from a given one (moved to a device, divided by the far
-    part's divisor), kept by the source's identity so the table cache above, keyed by
-    identity, finds them again on the next call."""
+    part's divisor), found again by the source's identity, so the table cache above, keyed
+    by identity, is reused on the next call. Sources on the CPU with equal contents (every
+    layer of a model has its own copy of the same frequencies) share one derived tensor,
+    hence one table; reading a CPU tensor's bytes costs no synchronisation."""
 
-    def __init__(self, size: int = 32):
+    def __init__(self, size: int = 256):
         self.size = size
-        self.entries: OrderedDict = OrderedDict()
+        self.by_id: OrderedDict = OrderedDict()
+        self.by_content: OrderedDict = OrderedDict()
         self.lock = threading.Lock()
 
     def get(self, inv_freq: torch.Tensor, device: torch.device, divisor: float) -> torch.Tensor:
         key = (id(inv_freq), str(device), float(divisor))
         with self.lock:
-            entry = self.entries.get(key)
+            entry = self.by_id.get(key)
             if entry is not None and entry[0]() is inv_freq:
                 return entry[1]
-        derived = inv_freq.to(device=device, dtype=torch.float64)
-        if divisor != 1:
-            derived = derived / divisor
+        content = None
+        if inv_freq.device.type == "cpu":
+            content = (inv_freq.to(torch.float64).numpy().tobytes(), str(device), float(divisor))
         with self.lock:
-            self.entries[key] = (weakref.ref(inv_freq), derived)
-            while len(self.entries) > self.size:
-                self.entries.popitem(last=False)
+            derived = None if content is None else self.by_content.get(content)
+        if derived is None:
+            derived = inv_freq.to(device=device, dtype=torch.float64)
+            if divisor != 1:
+                derived = derived / divisor
+        with self.lock:
+            self.by_id[key] = (weakref.ref(inv_freq), derived)
+            if content is not None:
+                self.by_content[content] = derived
+            for table in (self.by_id, self.by_content):
+                while len(table) > self.size:
+                    table.popitem(last=False)
         return derived
 
 
