@@ -62,13 +62,14 @@ def rotations(method: Method, inv_freq: torch.Tensor, attention_factor: float, d
 
 
 def rotate_key_forms(method: Method, inv_freq: torch.Tensor, attention_factor: float, layout: str,
-                     key: torch.Tensor, positions: torch.Tensor) -> dict[str, torch.Tensor]:
+                     key: torch.Tensor, positions: torch.Tensor, tables: bool = True) -> dict[str, torch.Tensor]:
     """The rotated forms of keys (B, Hkv, n, D) at positions (B, n) that `rotary_attention`
     takes as `key_forms`: one per part whose keys are rotated ("near"; "far" for Leaky
     ReRoPE and SelfExtend, not ReRoPE, whose far keys are the raw keys).
 
     Valid only for a method whose key rotations depend on the key's own position alone
     (`method.key_rotations_cacheable`); a length-dependent frequency map is refused.
+    `tables=False`: cos/sin computed directly, with no host synchronisation.
     """
     if not method.key_rotations_cacheable:
         raise ValueError(f"method={method.spec()!r}: its frequencies follow the sequence length, so a key's "
@@ -76,7 +77,8 @@ def rotate_key_forms(method: Method, inv_freq: torch.Tensor, attention_factor: f
     forms = {}
     for name, rot in rotations(method, inv_freq, attention_factor, key.device).items():
         if rot.key_position is not None:
-            forms[name] = rotate(key, rot.key_position(positions), rot.inv_freq, rot.key_factor, layout, key.dtype)
+            forms[name] = rotate(key, rot.key_position(positions), rot.inv_freq, rot.key_factor, layout, key.dtype,
+                                 tables=tables)
     return forms
 
 
