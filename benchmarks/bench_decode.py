@@ -5,10 +5,14 @@ KV-cache memory.
     python benchmarks/bench_decode.py                    # 8k context, 5 rounds of 16 steps
     python benchmarks/bench_decode.py --context 4096 --rounds 7 --steps 32
 
-Each method's cache is prefilled once (not timed). Then each round visits every method in
-turn: patch, time `--steps` single-token steps, crop the cache back to the context (so
-every round decodes against the same length; the crop also exercises the rotated keys
-following the cache, patches/key_cache.py), undo. Per round and method the median step is
+Each method gets its own cache of `--context` tokens, filled with random keys and values
+of the model's shapes (the default: a decode step's cost does not depend on the cached
+values, and an 8k prefill per method takes many minutes on a shared 2-core machine) or,
+with `--prefill`, by a real prefill. Then each round visits every method in turn: patch,
+one untimed warm-up step (the first step of a patched model on a cache it did not fill
+rotates the cached keys once, patches/key_cache.py), `--steps` timed single-token steps,
+crop the cache back to the context (so every round decodes against the same length; the
+crop also exercises the rotated keys following the cache), undo. Per round and method the median step is
 kept; the table gives, per method, the median over rounds and the median of the per-round
 ratios to the unpatched model with their min-max over rounds (with 5 rounds, the interval
 that holds the true median ratio with probability 1 - 2·0.5^5 ≈ 94%). Issue 9's target for
@@ -46,6 +50,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--methods", default=";".join(METHODS))
+    parser.add_argument("--prefill", action="store_true", help="fill each cache by a real prefill")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
 
     import torch
@@ -53,17 +59,27 @@ def main() -> None:
 
     import ropelab
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model, _ = ropelab.load_default_model("smollm2-135m")
-    ids = torch.randint(0, model.config.vocab_size, (1, args.context + args.steps),
+    ids = torch.randint(0, model.config.vocab_size, (1, args.context + args.steps + 1),
                         generator=torch.Generator().manual_seed(1))
     methods = [m for m in args.methods.split(";") if m]
     caches = {}
     rounds: dict[str, list[float]] = {m: [] for m in methods}
     with torch.inference_mode():
         for method in methods:
+            caches[method] = DynamicCache(config=model.config)
+            if not args.prefill:
+                config, param = model.config, next(model.parameters())
+                heads, dim = config.num_key_value_heads, config.hidden_size // config.num_attention_heads
+                g = torch.Generator().manual_seed(2)
+                for layer in range(config.num_hidden_layers):
+                    kv = torch.randn(2, 1, heads, args.context, dim, generator=g).to(param.dtype)
+                    caches[method].update(kv[0], kv[1], layer)
+                continue
             handle = None if method == "none" else ropelab.patch(model, method)
             try:
-                caches[method] = DynamicCache(config=model.config)
                 model(ids[:, : args.context], past_key_values=caches[method], use_cache=True, logits_to_keep=1)
             finally:
                 if handle is not None:
@@ -74,11 +90,12 @@ def main() -> None:
                 handle = None if method == "none" else ropelab.patch(model, method)
                 cache, steps = caches[method], []
                 try:
-                    for t in range(args.context, args.context + args.steps):
+                    model(ids[:, args.context : args.context + 1], past_key_values=cache, use_cache=True)  # warm-up
+                    for t in range(args.context + 1, args.context + 1 + args.steps):
                         start = time.perf_counter()
                         model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
                         steps.append(time.perf_counter() - start)
-                    cache.crop(-args.steps)
+                    cache.crop(-(args.steps + 1))
                 finally:
                     if handle is not None:
                         handle.undo()

@@ -17,6 +17,8 @@ that also returns the row log-sum-exp, and the results are merged exactly
 
 * "cpu" (rope/kernels/cpu.py): torch's CPU flash kernel, chunked so no T×S matrix exists;
 * "flash-attn" (rope/kernels/flash_attn.py): CUDA, float16/bfloat16, flash-attn ≥ 2.6;
+* "flex" (rope/kernels/flex.py): torch's FlexAttention, block masks per part; the CUDA
+  backend when flash-attn is absent;
 * "eager" (rope/kernels/eager.py): explicit logits in blocks; soft-capping on CPU,
   autograd, and devices with no fused backend.
 
@@ -32,7 +34,7 @@ from collections.abc import Mapping
 
 import torch
 
-from .kernels import cpu, eager, flash_attn
+from .kernels import cpu, eager, flash_attn, flex
 from .kernels.merge import merge_by_lse
 from .kernels.plan import Plan, build_plan, rotate_key_forms
 from .method import Method
@@ -42,7 +44,7 @@ __all__ = ["rotary_attention", "merge_by_lse", "flash_attention_lse", "rotate_ke
 
 flash_attention_lse = cpu.flash_attention_lse
 
-BACKENDS = ("auto", "cpu", "eager", "flash-attn")
+BACKENDS = ("auto", "cpu", "eager", "flash-attn", "flex")
 # Backends refused by name, with the reason.
 REFUSED = {
     "flash-attn3": "flash-attn 3's flash_attn_interface has another signature and return convention; "
@@ -75,10 +77,12 @@ def choose_backend(plan: Plan, backend: str = "auto") -> str:
         return "eager"
     if flash_attn.usable(plan):
         return "flash-attn"
+    if flex.usable(plan):  # CUDA without (a usable) flash-attn
+        return "flex"
     return "cpu" if cpu.takes(plan) else "eager"
 
 
-_RUN = {"cpu": cpu.run, "eager": eager.run, "flash-attn": flash_attn.run}
+_RUN = {"cpu": cpu.run, "eager": eager.run, "flash-attn": flash_attn.run, "flex": flex.run}
 
 
 def rotary_attention(
