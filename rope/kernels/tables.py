@@ -49,7 +49,7 @@ class TableCache:
             if entry is not None and entry[1] <= lo and hi < entry[1] + entry[2].shape[0]:
                 self.entries.move_to_end(key)
                 return entry[1:]
-        start, stop = min(lo, 0), hi + 1
+        start, stop = lo, hi + 1  # the range this call needs (grown below), not from 0
         if entry is not None:
             start, stop = min(start, entry[1]), max(stop, entry[1] + entry[2].shape[0])
         stop += (stop - start) // 4
