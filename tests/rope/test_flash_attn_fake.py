@@ -15,6 +15,7 @@ output, 2^-8), the bar issue 9 sets for the GPU.
 
 from __future__ import annotations
 
+import importlib.machinery
 import math
 import sys
 import types
@@ -67,6 +68,7 @@ def fake_module(version="2.6.3", empty_lse=math.inf, calls=None):
         return out.transpose(1, 2).to(q.dtype).contiguous(), lse, None
 
     module = types.ModuleType("flash_attn")
+    module.__spec__ = importlib.machinery.ModuleSpec("flash_attn", None)  # as importlib.util.find_spec expects
     module.__version__ = version
     module.flash_attn_func = flash_attn_func
     return module
@@ -104,9 +106,9 @@ def test_wrapper_through_a_fake_flash_attn(fake, empty_lse, T, spec):
         assert fake_error <= 2 * cpu_error + 2**-8, (kw, fake_error, cpu_error)
 
 
-def test_single_row_decode_sets_no_window_or_causal_edge(fake):
+def test_single_row_decode_sets_no_window_or_causal_edge(monkeypatch):
     calls = []
-    sys.modules["flash_attn"] = fake_module(calls=calls)
+    monkeypatch.setitem(sys.modules, "flash_attn", fake_module(calls=calls))
     method = M("self-extend", window=8, group=3)
     q, k, v = (t.bfloat16() for t in inputs(T=1, S=40))
     rotary_attention(q, k, v, method, freqs(method, 16, 40)[0], backend="flash-attn", sliding_window=20)
@@ -167,6 +169,7 @@ def test_decode_step_on_the_cuda_path_never_synchronises(monkeypatch, spec):
             counter.paused = False
 
     module = types.ModuleType("flash_attn")
+    module.__spec__ = real.__spec__
     module.__version__, module.flash_attn_func = real.__version__, uncounted
     monkeypatch.setitem(sys.modules, "flash_attn", module)
     method = ropelab.parse_method(spec)
