@@ -78,7 +78,7 @@ def cos_sin_rows(positions: torch.Tensor, inv_freq: torch.Tensor, factor: float,
         # A decoding step asks every layer for the same few rows: remember them by value
         # (reading a few CPU numbers costs no synchronisation), so 1 layer in N computes.
         key = (id(inv_freq), float(factor), dtype, positions.dtype, tuple(positions.shape),
-               positions.numpy().tobytes())
+               positions.detach().numpy().tobytes())
         hit = ROWS.get(key)
         if hit is not None and hit[0]() is inv_freq:
             return hit[1], hit[2]
@@ -169,7 +169,7 @@ class _Derived:
                 return entry[1]
         content = None
         if inv_freq.device.type == "cpu":
-            content = (inv_freq.to(torch.float64).numpy().tobytes(), str(device), float(divisor))
+            content = (inv_freq.detach().to(torch.float64).numpy().tobytes(), str(device), float(divisor))
         with self.lock:
             derived = None if content is None else self.by_content.get(content)
         if derived is None:
