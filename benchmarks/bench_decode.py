@@ -1,14 +1,23 @@
 """Decode latency per token against a long cache, patched versus unpatched SmolLM2-135M,
-interleaved in one process so machine noise hits every method alike.
+interleaved in one process so machine noise hits every method alike; and each method's
+KV-cache memory.
 
-    python benchmarks/bench_decode.py                    # 8k context, 2 rounds (~10 min on 2 cores)
-    python benchmarks/bench_decode.py --context 4096 --rounds 3 --steps 32
+    python benchmarks/bench_decode.py                    # 8k context, 5 rounds of 16 steps
+    python benchmarks/bench_decode.py --context 4096 --rounds 7 --steps 32
 
-Each round visits every method in turn: patch, prefill the context into a DynamicCache
-(not timed), time `--steps` single-token steps, undo. The table keeps, per method, the
-median step over all rounds and its ratio to the unpatched model (issue 3's target for
-the relative methods: ≤ 2× at 8k). `ntk` is a control: it runs exactly the unpatched
-decode path (only its inv_freq buffer differs), so its ratio shows the noise floor.
+Each method gets its own cache of `--context` tokens, filled with random keys and values
+of the model's shapes (the default: a decode step's cost does not depend on the cached
+values, and an 8k prefill per method takes many minutes on a shared 2-core machine) or,
+with `--prefill`, by a real prefill. Then each round visits every method in turn: patch,
+one untimed warm-up step (the first step of a patched model on a cache it did not fill
+rotates the cached keys once, patches/key_cache.py), `--steps` timed single-token steps,
+crop the cache back to the context (so every round decodes against the same length; the
+crop also exercises the rotated keys following the cache), undo. Per round and method the median step is
+kept; the table gives, per method, the median over rounds and the median of the per-round
+ratios to the unpatched model with their min-max over rounds (with 5 rounds, the interval
+that holds the true median ratio with probability 1 - 2·0.5^5 ≈ 94%). Issue 9's target for
+rerope, leaky-rerope and self-extend: ≤ 1.10× at 8k. `ntk` is a control: it runs exactly
+the unpatched decode path (only its inv_freq buffer differs), so its ratio shows the noise.
 """
 
 from __future__ import annotations
@@ -22,12 +31,27 @@ METHODS = ["none", "ntk:scale=2", "rerope:window=4096", "leaky-rerope:window=204
            "self-extend:window=1024,group=8"]
 
 
+def cache_bytes(cache) -> tuple[int, int]:
+    """(keys + values bytes, rotated-key-form bytes) over the cache's layers."""
+    from ropelab.patches.key_cache import ATTRIBUTE
+
+    kv = forms = 0
+    for layer in cache.layers:
+        kv += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
+        kept = layer.__dict__.get(ATTRIBUTE)
+        if kept is not None:
+            forms += sum(t.numel() * t.element_size() for t in kept.view().values())
+    return kv, forms
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--context", type=int, default=8192)
     parser.add_argument("--steps", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--methods", default=";".join(METHODS))
+    parser.add_argument("--prefill", action="store_true", help="fill each cache by a real prefill")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
 
     import torch
@@ -35,33 +59,60 @@ def main() -> None:
 
     import ropelab
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model, _ = ropelab.load_default_model("smollm2-135m")
-    ids = torch.randint(0, model.config.vocab_size, (1, args.context + args.steps),
+    ids = torch.randint(0, model.config.vocab_size, (1, args.context + args.steps + 1),
                         generator=torch.Generator().manual_seed(1))
     methods = [m for m in args.methods.split(";") if m]
-    steps: dict[str, list[float]] = {m: [] for m in methods}
+    caches = {}
+    rounds: dict[str, list[float]] = {m: [] for m in methods}
     with torch.inference_mode():
+        for method in methods:
+            caches[method] = DynamicCache(config=model.config)
+            if not args.prefill:
+                config, param = model.config, next(model.parameters())
+                heads, dim = config.num_key_value_heads, config.hidden_size // config.num_attention_heads
+                g = torch.Generator().manual_seed(2)
+                for layer in range(config.num_hidden_layers):
+                    kv = torch.randn(2, 1, heads, args.context, dim, generator=g).to(param.dtype)
+                    caches[method].update(kv[0], kv[1], layer)
+                continue
+            handle = None if method == "none" else ropelab.patch(model, method)
+            try:
+                model(ids[:, : args.context], past_key_values=caches[method], use_cache=True, logits_to_keep=1)
+            finally:
+                if handle is not None:
+                    handle.undo()
+            print(f"prefilled {method}", file=sys.stderr, flush=True)
         for round_ in range(args.rounds):
             for method in methods:
                 handle = None if method == "none" else ropelab.patch(model, method)
+                cache, steps = caches[method], []
                 try:
-                    cache = DynamicCache(config=model.config)
-                    model(ids[:, : args.context], past_key_values=cache, use_cache=True, logits_to_keep=1)
-                    for t in range(args.context, args.context + args.steps):
+                    model(ids[:, args.context : args.context + 1], past_key_values=cache, use_cache=True)  # warm-up
+                    for t in range(args.context + 1, args.context + 1 + args.steps):
                         start = time.perf_counter()
                         model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
-                        steps[method].append(time.perf_counter() - start)
+                        steps.append(time.perf_counter() - start)
+                    cache.crop(-(args.steps + 1))
                 finally:
                     if handle is not None:
                         handle.undo()
-                print(f"round {round_ + 1} {method}: median {1000 * statistics.median(steps[method][-args.steps:]):.1f} ms",
-                      file=sys.stderr, flush=True)
-    base = statistics.median(steps[methods[0]])
-    print(f"| method | ms/token at {args.context} (median of {args.rounds}×{args.steps}) | × {methods[0]} |")
-    print("|---|---|---|")
+                rounds[method].append(statistics.median(steps))
+                print(f"round {round_ + 1} {method}: median {1000 * rounds[method][-1]:.1f} ms", file=sys.stderr,
+                      flush=True)
+    base = methods[0]
+    kv_base = cache_bytes(caches[base])[0]
+    print(f"| method | ms/token at {args.context} (median of {args.rounds} round medians, {args.steps} steps each) "
+          f"| × {base} (median, min-max over rounds) | KV cache MB | rotated keys MB | cache × {base} |")
+    print("|---|---|---|---|---|---|")
     for method in methods:
-        ms = statistics.median(steps[method])
-        print(f"| {method} | {1000 * ms:.1f} | {ms / base:.2f} |")
+        ratios = sorted(a / b for a, b in zip(rounds[method], rounds[base]))
+        kv, forms = cache_bytes(caches[method])
+        print(f"| {method} | {1000 * statistics.median(rounds[method]):.1f} | {statistics.median(ratios):.2f} "
+              f"({ratios[0]:.2f}-{ratios[-1]:.2f}) | {kv / 2**20:.0f} | {forms / 2**20:.0f} | "
+              f"{(kv + forms) / kv_base:.2f} |")
 
 
 if __name__ == "__main__":

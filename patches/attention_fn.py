@@ -23,6 +23,11 @@ built them, (B, T) when given), `sliding_window` (Mistral, Qwen2/3, Phi3, Gemma2
 full-attention layers), `softcap` (Gemma2/3), sometimes `use_cache`. The key positions are
 not passed; they follow from the query positions because the cache holds consecutive keys:
 key index 0 sits at position `position_ids[:, -1] - (S - 1)`.
+
+With a KV cache, the rotated forms of its keys are kept on the cache layer
+(patches/key_cache.py), so a decoding step rotates only its new query and key rows; the
+cache object reaches this function through a forward pre-hook on each attention module
+(`capture_cache`), since transformers does not pass it to attention functions.
 """
 
 from __future__ import annotations
@@ -33,7 +38,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..kernels.plan import rotate_key_forms
 from ..method import Method
+from . import key_cache
 
 NAME = "ropelab"
 
@@ -58,6 +65,8 @@ class Route:
     attention_factor: float
     positions: PositionState
     calls: int = 0
+    # the KV cache of the current forward (weakly: a dropped cache must be freed), or None
+    cache: weakref.ref | None = None
     _by_length: dict = field(default_factory=dict)  # seq_len -> (inv_freq, factor), when inv_freq is None
 
     def frequencies(self, seq_len: int) -> tuple[torch.Tensor, float]:
@@ -116,6 +125,8 @@ def ropelab_attention(module, query, key, value, attention_mask, scaling=None, d
     last = positions[:, -1].to(device=query.device, dtype=torch.long).expand(batch)  # (B,) position of the last query
     offset = last - (key_length - 1)  # (B,) position of key index 0
 
+    forms = _key_forms(module, route, query, key, offset)
+
     def run(seq_len, rows=slice(None), queries=slice(None), keys=slice(None)):
         """Attention of sequences `rows`, query rows `queries` over key indices `keys` (a
         prefix: the queries stay the last of the keys, key index 0 keeps its offset)."""
@@ -126,6 +137,7 @@ def ropelab_attention(module, query, key, value, attention_mask, scaling=None, d
             query[:, :, queries][rows], key[:, :, keys][rows], value[:, :, keys][rows], route.method, inv_freq,
             attention_factor=factor, layout=route.layout, position_offset=offset[rows],
             key_padding_mask=mask, sliding_window=sliding_window, scale=scaling, softcap=softcap,
+            key_forms=forms,
         )  # (B, H, T, Dv)
 
     def groups(values):
@@ -154,6 +166,43 @@ def ropelab_attention(module, query, key, value, attention_mask, scaling=None, d
         out = out.masked_fill(~attention_mask[:, None, -query.shape[2]:, None], 0.0)
     route.calls += 1
     return out.transpose(1, 2).contiguous(), None
+
+
+def _key_forms(module, route: Route, query, key, offset) -> dict | None:
+    """The rotated forms of every key, kept on the cache layer (patches/key_cache.py), or
+    None when there is no cache to keep them on or the method's forms cannot be cached."""
+    cache = None if route.cache is None else route.cache()
+    if cache is None or route.inv_freq is None or not route.method.key_rotations_cacheable:
+        return None
+    layer = key_cache.cacheable_layer(cache, getattr(module, "layer_idx", None), key)
+    if layer is None:
+        return None
+    device = key.device
+
+    def rotate(keys, index: slice):
+        positions = torch.arange(index.start, index.stop, device=device)[None, :] + offset[:, None]
+        return rotate_key_forms(route.method, route.inv_freq, route.attention_factor, route.layout, keys, positions)
+
+    return key_cache.key_forms_for(layer, key, query.shape[2], rotate)
+
+
+def capture_cache(attention: nn.Module, route: Route):
+    """(do, undo) installing a forward pre-hook that hands `attention`'s KV cache to `route`."""
+    handles = []
+
+    def hook(module, args, kwargs):
+        cache = kwargs.get("past_key_values")
+        route.cache = None if cache is None else weakref.ref(cache)
+
+    def do():
+        handles.append(attention.register_forward_pre_hook(hook, with_kwargs=True))
+
+    def undo():
+        while handles:
+            handles.pop().remove()
+        route.cache = None
+
+    return do, undo
 
 
 def _per_query(run, groups, train_length: int, query, value) -> torch.Tensor:

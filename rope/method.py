@@ -79,6 +79,12 @@ class Method:
 
     # -- part 2: relative-position map -------------------------------------------------
     @property
+    def key_rotations_cacheable(self) -> bool:
+        """Whether a key's rotated forms depend only on its own position, so a KV cache may
+        keep them rotated; False when the frequencies follow a length (dynamic-ntk)."""
+        return not (self.length_dependent or self.per_query_frequencies)
+
+    @property
     def relative(self) -> RelativeMap | None:
         return self if isinstance(self, RelativeMap) else None
 
@@ -207,6 +213,9 @@ class RelativeMap:
     """
 
     window: int
+
+    # False when every far key sits at position 0 (ReRoPE): far keys are then used unrotated.
+    far_keys_rotated: ClassVar[bool] = True
 
     @property
     def far_freq_divisor(self) -> float:

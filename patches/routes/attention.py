@@ -50,6 +50,7 @@ def plan(model: nn.Module, method: Method, model_type: str, family: arch.Family)
         for attention, route in routes.items():
             changes.call(lambda a=attention, r=route: afn.ROUTES.__setitem__(a, r),
                          lambda a=attention: afn.ROUTES.pop(a, None))
+            changes.call(*afn.capture_cache(attention, route))  # rotated keys kept with the KV cache
         for module in rotaries.values():
             changes.set_attr(module, "forward", afn.identity_rotary_forward(module.forward, positions))
         for config in configs.values():

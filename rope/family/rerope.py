@@ -18,6 +18,7 @@ from ..registry import register
 @dataclass(frozen=True, kw_only=True)
 class ReRoPE(RelativeMethod):
     name = "rerope"
+    far_keys_rotated = False  # far_key_position is 0 for every key
 
     def far_query_position(self, i: torch.Tensor) -> torch.Tensor:
         return torch.full_like(i, self.window, dtype=torch.float64)

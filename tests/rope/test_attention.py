@@ -219,9 +219,9 @@ def test_block_boundaries(method, kw):
 
 @pytest.mark.parametrize("chunked", [True, False], ids=["unmasked-triangles", "masked-blocks"])
 def test_both_band_strategies(monkeypatch, chunked):
-    import ropelab.attention as attention
+    from ropelab.kernels import cpu
 
-    monkeypatch.setattr(attention, "_CHUNK_MIN_WIDTH", 256 if chunked else 10**9)
+    monkeypatch.setattr(cpu.BAND, "chunk_min_width", 256 if chunked else 10**9)
     mask, offsets = left_padding(2, 700, [0, 301])
     check(M("rerope", window=260), B=2, H=2, Hkv=1, S=700, T=700, key_padding_mask=mask, position_offset=offsets)
     check(M("self-extend", window=100, group=5), B=1, H=2, Hkv=1, S=700, T=400, sliding_window=390)
@@ -410,16 +410,16 @@ def test_bfloat16_runs_and_is_close():
 
 def test_no_far_rotation_for_rerope_keys_decoding(monkeypatch):
     # ReRoPE's far keys are used as cached: the far key position is never used to rotate
-    import ropelab.attention as attention
+    import ropelab.kernels.plan as plan
 
     rotated = []
-    original = attention._rotate
+    original = plan.rotate
 
     def spy(x, *args, **kw):
         rotated.append(x.shape[2])
         return original(x, *args, **kw)
 
-    monkeypatch.setattr(attention, "_rotate", spy)
+    monkeypatch.setattr(plan, "rotate", spy)
     q, k, v = inputs(T=1, S=300)
     method = M("rerope", window=16)
     out = rotary_attention(q, k, v, method, freqs(method, 16, 300)[0])

@@ -24,8 +24,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 
 import ropelab
-from ropelab import flash_cuda
+from ropelab.kernels import flash_attn as flash_cuda
 from ropelab.attention import rotary_attention
+from ropelab.kernels.plan import build_plan
 
 from .test_attention import METHODS, check, configs, freqs, inputs, left_padding, reference
 
@@ -64,6 +65,7 @@ def emulated(monkeypatch):
 
     calls.clear()
     monkeypatch.setattr(flash_cuda, "usable", lambda *a: True)
+    monkeypatch.setattr(flash_cuda, "check_version", lambda: None)
     monkeypatch.setattr(flash_cuda, "flash_attn_lse", spy)
     return calls
 
@@ -109,12 +111,14 @@ def test_random_configurations(emulated, config):
 
 def test_not_usable_on_cpu_or_float32():
     q, k, v = inputs()
-    assert not flash_cuda.usable(q, v, None)
-    assert not flash_cuda.usable(q.bfloat16(), v.bfloat16(), None)  # CPU
+    method = M("rope")
+    for x in (q, q.bfloat16()):  # float32, and bfloat16 on the CPU
+        plan = build_plan(x, k.to(x.dtype), v.to(x.dtype), method, freqs(method, 16, 37)[0])
+        assert not flash_cuda.usable(plan)
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not (torch.cuda.is_available() and flash_cuda.flash_attn_installed()),
+@pytest.mark.skipif(not (torch.cuda.is_available() and flash_cuda.installed()),
                     reason="needs CUDA and flash-attn (pip install ropelab[cuda])")
 @pytest.mark.parametrize("name", METHODS)
 @pytest.mark.parametrize("T", [300, 1])

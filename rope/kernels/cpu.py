@@ -1,0 +1,338 @@
+"""The CPU backend of `rotary_attention`: each part of a plan (kernels/plan.py) through
+torch's CPU flash kernel, which returns the row log-sum-exp the parts are merged by.
+
+A prefill scores about as many (query, key) pairs as plain causal attention and never
+holds a T×S matrix: the far part is one causal call on q[w:] against k[:S-w]; the band is
+cut into query chunks whose keys split into two triangles (one causal as is, one causal
+once rows and keys are reversed) and a rectangle, so it needs no mask (masks cost the
+kernel an extra pass per score); narrow bands use small per-block masks instead. Padding
+enters as a (B, 1, 1, S) additive mask the kernel broadcasts, a sliding window as a second
+band edge. (Kernel: torch's `_scaled_dot_product_flash_attention_for_cpu`, after Dao
+2023, "FlashAttention-2".)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .merge import merge_into
+from .plan import Plan
+
+__all__ = ["run", "takes", "single_row", "flash_attention_lse", "BAND"]
+
+_NEG_INF = float("-inf")
+
+
+class BandSettings:
+    """Where the band switches strategy (module-level so a test can force either one).
+
+    A band at least `chunk_min_width` wide with at least `chunk_min_rows` rows in it is
+    computed as unmasked triangles and rectangles (`_band_chunk`), `chunk_max_rows` rows
+    at a time (768 rows is where the kernel switches to 256-row query tiles; at 8k and 16k
+    tokens 768 timed best of 512-4096, and it bounds the temporaries). Narrower bands and
+    a few decoding rows take one masked call per `masked_block` rows: the masked waste is
+    small there, and it is one call instead of three. At most `few_rows` rows against a
+    causal edge use one masked call (rows × keys mask); more use an unmasked rectangle
+    plus a causal triangle and a merge.
+    """
+
+    chunk_min_width = 256
+    chunk_min_rows = 32
+    chunk_max_rows = 768
+    masked_block = 128
+    few_rows = 64
+
+
+BAND = BandSettings()
+
+
+def flash_attention_lse(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    is_causal: bool = False,
+    attn_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention and its row log-sum-exp: (out (B, H, T, D), lse (B, H, T) float32).
+
+    Torch's CPU flash kernel; `is_causal` is top-left aligned (query t sees keys ≤ t);
+    `attn_mask` is additive, broadcastable to (B, H, T, S), and may be combined with
+    `is_causal`. A row its mask hides entirely comes back as out 0 with lse 0, not -inf:
+    it would weigh e^0 in a merge, so callers that can hide whole rows must set those to
+    -inf. With no keys at all (S = 0) every row is out 0, lse -inf. Grouped-query heads
+    (H a multiple of Hkv) are passed through: the kernel pairs query head h with key head
+    h // (H/Hkv), like `repeat_interleave` (checked against expanded keys).
+    """
+    B, H, T, D = query.shape
+    S = key.shape[2]
+    if T == 0 or S == 0:
+        # The kernel crashes the process (SIGFPE) on empty inputs.
+        out = query.new_zeros(B, H, T, value.shape[-1])
+        return out, torch.full((B, H, T), _NEG_INF, dtype=torch.float32, device=query.device)
+    if attn_mask is not None and attn_mask.dtype != query.dtype:
+        attn_mask = attn_mask.to(query.dtype)
+    # The kernel walks rows by stride but assumes the head dimension is contiguous.
+    query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        query, key, value, 0.0, is_causal, attn_mask=attn_mask, scale=scale
+    )
+    return out, lse
+
+
+# --------------------------------------------------------------------------------------
+# one part: queries against the keys at distance lo ≤ i - j < hi
+# --------------------------------------------------------------------------------------
+
+
+class _Keys:
+    """Key-side context for one part: rotated keys/values covering key indices
+    [first, first + n), and the key padding as an additive mask and as a running count
+    (the count finds rows whose visible keys are all padding, where the kernel's lse is 0)."""
+
+    def __init__(self, k, v, first, pad_add, pad_cum):
+        self.k, self.v, self.first = k, v, first
+        self.pad_add = pad_add  # (B, 1, 1, S_total) additive, global key index, or None
+        self.pad_cum = pad_cum  # (B, S_total + 1) int64 cumulative count of real keys, or None
+
+    def slice(self, j0: int, j1: int):
+        """Keys with global indices [j0, j1)."""
+        a, b = j0 - self.first, j1 - self.first
+        return self.k[:, :, a:b], self.v[:, :, a:b]
+
+    def pad(self, j0: int, j1: int):
+        return None if self.pad_add is None else self.pad_add[..., j0:j1]
+
+
+def _combine(band: torch.Tensor | None, pad: torch.Tensor | None) -> torch.Tensor | None:
+    if band is None:
+        return pad
+    if pad is None:
+        return band
+    return band + pad  # (B, 1, rows, keys): one block's worth only
+
+
+def _fix_empty_rows(lse, keys: _Keys, i0: int, i1: int, lo: int, hi: int | None, j0: int, j1: int):
+    """Set lse = -inf where a row i ∈ [i0, i1) of a call over keys [j0, j1) sees only padding."""
+    if keys.pad_cum is None:
+        return
+    rows_i = torch.arange(i0, i1, device=lse.device)
+    lo_j = rows_i - (hi - 1) if hi is not None else torch.zeros_like(rows_i)
+    lo_j = lo_j.clamp(min=j0)
+    hi_j = (rows_i - lo).clamp(max=j1 - 1)
+    count = keys.pad_cum[:, (hi_j + 1).clamp(min=0)] - keys.pad_cum[:, lo_j.clamp(max=keys.pad_cum.shape[1] - 1)]
+    empty = (count <= 0) | (hi_j < lo_j)  # (B, rows)
+    if bool(empty.any()):
+        lse.masked_fill_(empty[:, None, :], _NEG_INF)
+
+
+def _causal_from(q, keys: _Keys, q_first: int, lo: int, scale: float, small: int):
+    """Rows i = q_first + t (all ≥ lo) against keys j ∈ [0, i - lo]: a causal triangle
+    whose diagonal starts at key c = q_first - lo, i.e. a rectangle [0, c) that every row
+    sees plus a top-left-aligned triangle [c, c + n)."""
+    n = q.shape[2]
+    c = q_first - lo
+    if n == 1 or c == 0:
+        k, v = keys.slice(0, c + n)
+        out, lse = flash_attention_lse(q, k, v, is_causal=n > 1, attn_mask=keys.pad(0, c + n), scale=scale)
+        _fix_empty_rows(lse, keys, q_first, q_first + n, lo, None, 0, c + n)
+        return out, lse
+    if n <= small:
+        # Few rows (decoding a handful of tokens): one call with an n × (c + n) mask.
+        u = torch.arange(c + n, device=q.device)
+        hide = u[None, :] > (c + torch.arange(n, device=q.device))[:, None]
+        mask = torch.zeros(n, c + n, dtype=q.dtype, device=q.device).masked_fill_(hide, _NEG_INF)
+        k, v = keys.slice(0, c + n)
+        out, lse = flash_attention_lse(q, k, v, attn_mask=_combine(mask, keys.pad(0, c + n)), scale=scale)
+        _fix_empty_rows(lse, keys, q_first, q_first + n, lo, None, 0, c + n)
+        return out, lse
+    k, v = keys.slice(0, c)
+    out, lse = flash_attention_lse(q, k, v, attn_mask=keys.pad(0, c), scale=scale)
+    _fix_empty_rows(lse, keys, q_first, q_first + n, lo, None, 0, c)
+    k, v = keys.slice(c, c + n)
+    out2, lse2 = flash_attention_lse(q, k, v, is_causal=True, attn_mask=keys.pad(c, c + n), scale=scale)
+    _fix_empty_rows(lse2, keys, q_first, q_first + n, lo, None, c, c + n)
+    lse = merge_into(out, lse, out2, lse2)
+    return out, lse
+
+
+def _band_mask(rows: int, nk: int, offset: int, lo: int, hi: int, dtype, device) -> torch.Tensor:
+    """Additive mask for rows i = i0 + t and keys j = i0 - offset + u: 0 where lo ≤ i - j < hi."""
+    r = torch.arange(rows, device=device)[:, None] - torch.arange(nk, device=device)[None, :] + offset
+    hide = (r < lo) | (r >= hi)
+    return torch.zeros(rows, nk, dtype=dtype, device=device).masked_fill_(hide, _NEG_INF)
+
+
+def _band_chunk(q, keys: _Keys, i0: int, lo: int, hi: int, scale: float):
+    """Rows i0 … i0+n-1 (n ≤ W = hi - lo, every i ≥ hi - 1) over keys lo ≤ i - j < hi,
+    without a mask: with a = i0 - lo, the keys [a, a+n) form a top-left causal triangle
+    (row t sees u ≤ t), and the keys [a-W+1, a) an upper one (row t sees u ≥ t), which is a
+    top-left causal triangle once rows and keys are both reversed. A partial chunk also
+    has a rectangle [a-W+1+n, a) that every row sees.
+
+    Masks cost the kernel an extra pass over every score (measured: a masked band took
+    1.45× the time of the same number of unmasked scores), and a masked block also scores
+    the two triangles it hides; this scores only the band, at the price of three calls,
+    two merges and flipping one block of q, k and v.
+    """
+    n = q.shape[2]
+    W = hi - lo
+    a = i0 - lo
+    k, v = keys.slice(a, a + n)
+    out, lse = flash_attention_lse(q, k, v, is_causal=True, attn_mask=keys.pad(a, a + n), scale=scale)
+    _fix_empty_rows(lse, keys, i0, i0 + n, lo, hi, a, a + n)
+    m = min(n, W - 1)  # rows with keys in the upper triangle (row W-1 of a full chunk has none)
+    if m > 0:
+        j0 = a - W + 1
+        k, v = keys.slice(j0, j0 + m)
+        pad = keys.pad(j0, j0 + m)
+        o, l = flash_attention_lse(q[:, :, :m].flip(2), k.flip(2), v.flip(2), is_causal=True,
+                                   attn_mask=None if pad is None else pad.flip(-1), scale=scale)
+        o, l = o.flip(2), l.flip(-1)
+        _fix_empty_rows(l, keys, i0, i0 + m, lo, hi, j0, j0 + m)
+        lse[..., :m] = merge_into(out[:, :, :m], lse[..., :m], o, l)
+    if W - 1 > m:
+        j0, j1 = a - W + 1 + m, a
+        k, v = keys.slice(j0, j1)
+        o, l = flash_attention_lse(q, k, v, attn_mask=keys.pad(j0, j1), scale=scale)
+        _fix_empty_rows(l, keys, i0, i0 + n, lo, hi, j0, j1)
+        lse = merge_into(out, lse, o, l)
+    return out, lse
+
+
+def _attend_part(q, keys: _Keys, q_first: int, lo: int, hi: int | None, scale: float):
+    """Attention of rows i = q_first + t (every row has i ≥ lo) over keys lo ≤ i - j < hi.
+
+    Returns (out (B, H, n, D), lse (B, H, n)). Rows with i < hi see every key down to 0
+    and are one causal computation; the rest are a band, computed in chunks of its width
+    as unmasked triangles (`_band_chunk`) or, for narrow bands, in masked blocks.
+    """
+    B, H, n, _ = q.shape
+    Dv = keys.v.shape[-1]
+    if hi is not None and hi > q_first + n - 1:
+        hi = None  # the lower edge of the band is below key 0 for every row
+    width = hi - lo if hi is not None else None
+    n_tri = n if hi is None else max(0, min(n, hi - q_first))
+    if n_tri == n:
+        return _causal_from(q, keys, q_first, lo, scale, small=BAND.few_rows)
+
+    if n == 1:  # decoding one row: a single unmasked call over exactly its band
+        return _band_block(q, keys, q_first, lo, hi, scale, {})
+    # Pieces are written into one buffer as they come (not concatenated at the end), so
+    # the peak holds one piece beside the output, not every piece twice.
+    out = torch.empty(B, n, H, Dv, dtype=q.dtype, device=q.device).transpose(1, 2)
+    lse = torch.empty(B, H, n, dtype=torch.promote_types(q.dtype, torch.float32), device=q.device)
+
+    def put(t0, piece):
+        out[:, :, t0 : t0 + piece[0].shape[2]].copy_(piece[0])
+        lse[..., t0 : t0 + piece[1].shape[-1]].copy_(piece[1])
+
+    if n_tri:
+        put(0, _causal_from(q[:, :, :n_tri], keys, q_first, lo, scale, small=BAND.few_rows))
+    if width >= BAND.chunk_min_width and n - n_tri >= BAND.chunk_min_rows:
+        rows = min(width, BAND.chunk_max_rows)
+        for t0 in range(n_tri, n, rows):
+            t1 = min(n, t0 + rows)
+            put(t0, _band_chunk(q[:, :, t0:t1], keys, q_first + t0, lo, hi, scale))
+    else:
+        masks: dict = {}
+        for t0 in range(n_tri, n, BAND.masked_block):
+            put(t0, _band_block(q[:, :, t0 : t0 + BAND.masked_block], keys, q_first + t0, lo, hi, scale, masks))
+    return out, lse
+
+
+def _band_block(q, keys: _Keys, i0: int, lo: int, hi: int, scale: float, masks: dict):
+    """Rows i0 … i0+n-1 of q (all i ≥ hi - 1) over keys lo ≤ i - j < hi in one call with
+    an n × (n + W - 1) mask; `masks` keeps the masks by shape (every full block shares one)."""
+    n = q.shape[2]
+    j0, j1 = i0 - hi + 1, i0 + n - lo  # keys [j0, j1)
+    if n == 1:  # one row (decoding): the key range is exactly its band
+        band = None
+    else:
+        if (n, j1 - j0) not in masks:
+            masks[n, j1 - j0] = _band_mask(n, j1 - j0, i0 - j0, lo, hi, q.dtype, q.device)
+        band = masks[n, j1 - j0]
+    k, v = keys.slice(j0, j1)
+    out, lse = flash_attention_lse(q, k, v, attn_mask=_combine(band, keys.pad(j0, j1)), scale=scale)
+    _fix_empty_rows(lse, keys, i0, i0 + n, lo, hi, j0, j1)
+    return out, lse
+
+
+def single_row(plan: Plan) -> torch.Tensor:
+    """One query row (a decoding step) in float32/float64: every part's logits written into
+    one row of keys, one softmax, one product with the values.
+
+    For one row the parts' keys are adjacent ranges ending at the last key (far [S - sw,
+    S - w), near [S - w, S)), so no merge is needed, and a plain matrix-vector product
+    costs fewer calls than the flash kernel twice plus a merge: at decode the per-call
+    overhead, not the arithmetic, is what the parts add to plain attention.
+    """
+    q, value = plan.query, plan.value
+    B, H, _, D = q.shape
+    Hkv, S = value.shape[1], value.shape[2]
+    g = H // Hkv
+    j0 = min(part.key_start for part in plan.parts)
+    logits = q.new_empty(B, Hkv, g, S - j0)
+    for part in plan.parts:
+        qp = plan.rotated_queries(part).view(B, Hkv, g, D)
+        kp = plan.rotated_keys(part)
+        torch.matmul(qp, kp.transpose(-1, -2), out=logits[..., part.key_start - j0 : part.key_stop - j0])
+        del qp, kp
+    logits.mul_(plan.scale)
+    if plan.softcap is not None:
+        logits.div_(plan.softcap).tanh_().mul_(plan.softcap)
+    if plan.key_padding_mask is not None:
+        logits.masked_fill_(~plan.key_padding_mask[:, None, None, j0:], _NEG_INF)
+    probs = torch.softmax(logits, dim=-1)
+    if plan.key_padding_mask is not None:
+        probs.nan_to_num_(0.0)  # a row whose keys are all padding: softmax of all -inf
+    return torch.matmul(probs, value[:, :, j0:]).view(B, H, 1, value.shape[-1])
+
+
+def _one_row(plan: Plan) -> bool:
+    return plan.query.shape[2] == 1 and plan.query.dtype in (torch.float32, torch.float64)
+
+
+def takes(plan: Plan) -> bool:
+    """Whether this backend can run `plan`: CPU tensors, and soft-capping only for one row in
+    float32/float64 (the flash kernel cannot cap logits)."""
+    return plan.query.device.type == "cpu" and (plan.softcap is None or _one_row(plan))
+
+
+def run(plan: Plan) -> torch.Tensor:
+    """Attention of the plan's queries over its keys, (B, H, T, Dv) in query.dtype."""
+    q, value = plan.query, plan.value
+    if _one_row(plan):
+        return single_row(plan)
+    B, H, T, D = q.shape
+    S, Dv = value.shape[2], value.shape[-1]
+    dtype, device = q.dtype, q.device
+    # The flash kernel needs one head size for q, k and v: pad the shorter side with zeros
+    # (zeros add nothing to q·k, and padded value dims are cut off the output).
+    width = max(D, Dv)
+
+    def fit(t):
+        return t if t.shape[-1] == width else torch.nn.functional.pad(t, (0, width - t.shape[-1]))
+
+    v_all = fit(value)
+    pad_add = pad_cum = None
+    mask = plan.key_padding_mask
+    if mask is not None:
+        pad_add = torch.zeros(B, 1, 1, S, dtype=dtype, device=device)
+        pad_add.masked_fill_(~mask[:, None, None, :], _NEG_INF)
+        pad_cum = torch.nn.functional.pad(mask.to(torch.int64).cumsum(-1), (1, 0))
+
+    out = lse = None
+    for part in plan.parts:
+        keys = _Keys(fit(plan.rotated_keys(part)), v_all[:, :, part.key_start : part.key_stop], part.key_start,
+                     pad_add, pad_cum)
+        o, l = _attend_part(fit(plan.rotated_queries(part)), keys, plan.q_first + part.first_row, part.lo,
+                            part.hi, plan.scale)
+        # This part's rotated copies die here, before the next part's are built.
+        del keys
+        if out is None:
+            out, lse = o, l  # the near part covers every row
+        else:
+            merge_into(out[:, :, part.first_row :], lse[:, :, part.first_row :], o, l)
+    return out if width == Dv else out[..., :Dv]

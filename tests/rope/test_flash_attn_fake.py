@@ -1,0 +1,200 @@
+"""The flash-attn backend's own code (rope/kernels/flash_attn.py) run on the CPU against a
+fake `flash_attn` module that checks what the real `flash_attn_func` (flash-attn 2.6,
+flash_attn/flash_attn_interface.py) takes and returns: (B, n, H, D) layouts with a
+contiguous head dim, float16/bfloat16, its keyword names, a (out, lse, probs) tuple with
+lse (B, H, n) float32. The fake computes in float64 and rounds its output to the input
+dtype, as the kernel does; an empty row's lse is given either sign (the real kernel's
+value for such rows is not -inf and is not relied on).
+
+Also: no host synchronisation in a decoding step of that path (counted with a
+TorchDispatchMode), the version check and flash-attn 3's refusal by name.
+Tolerance: bfloat16 inputs; the yardstick is the CPU kernel's own error on the same
+bfloat16 inputs against the float64 reference (2× it plus one bfloat16 ulp of an O(1)
+output, 2^-8), the bar issue 9 sets for the GPU.
+"""
+
+from __future__ import annotations
+
+import importlib.machinery
+import math
+import sys
+import types
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import ropelab
+from ropelab.attention import rotary_attention
+from ropelab.kernels import flash_attn
+from ropelab.kernels.plan import rotate_key_forms
+
+from .test_attention import freqs, inputs, left_padding, reference
+
+M = ropelab.get_method
+KEYWORDS = {"dropout_p", "softmax_scale", "causal", "window_size", "softcap", "alibi_slopes", "deterministic",
+            "return_attn_probs"}
+
+
+def fake_module(version="2.6.3", empty_lse=math.inf, calls=None):
+    def flash_attn_func(q, k, v, **kw):
+        assert set(kw) <= KEYWORDS, set(kw) - KEYWORDS
+        assert kw["return_attn_probs"] is True and kw.get("dropout_p", 0.0) == 0.0
+        B, n, H, D = q.shape
+        m, Hkv = k.shape[1], k.shape[2]
+        assert k.shape == (B, m, Hkv, D) and v.shape[:3] == (B, m, Hkv) and H % Hkv == 0
+        for t in (q, k, v):
+            assert t.dtype in (torch.float16, torch.bfloat16) and t.stride(-1) == 1
+        if calls is not None:
+            calls.append(dict(kw, n=n, m=m))
+        causal = kw.get("causal", False)
+        left, right = kw.get("window_size", (-1, -1))
+        qh, kh, vh = (t.double().transpose(1, 2) for t in (q, k, v))
+        kh, vh = kh.repeat_interleave(H // Hkv, 1), vh.repeat_interleave(H // Hkv, 1)
+        logits = (qh @ kh.transpose(-1, -2)) * kw["softmax_scale"]
+        if kw.get("softcap", 0.0) > 0:
+            logits = kw["softcap"] * torch.tanh(logits / kw["softcap"])
+        diagonal = torch.arange(n)[:, None] + m - n  # bottom-right alignment
+        j = torch.arange(m)[None, :]
+        hide = torch.zeros(n, m, dtype=torch.bool)
+        if causal or right >= 0:
+            hide |= j > diagonal + max(right, 0)
+        if left >= 0:
+            hide |= j < diagonal - left
+        logits = logits.masked_fill(hide, -math.inf)
+        lse = torch.logsumexp(logits, -1)
+        out = torch.softmax(logits, -1).nan_to_num(0.0) @ vh
+        lse = torch.where(torch.isneginf(lse), empty_lse, lse).float()
+        return out.transpose(1, 2).to(q.dtype).contiguous(), lse, None
+
+    module = types.ModuleType("flash_attn")
+    module.__spec__ = importlib.machinery.ModuleSpec("flash_attn", None)  # as importlib.util.find_spec expects
+    module.__version__ = version
+    module.flash_attn_func = flash_attn_func
+    return module
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    def install(**kw):
+        monkeypatch.setitem(sys.modules, "flash_attn", fake_module(**kw))
+    return install
+
+
+def _error_pair(method, kw, T, S=37, B=2):
+    q, k, v = inputs(B=B, T=T, S=S)
+    inv_freq, factor = freqs(method, 16, S)
+    kw = dict(kw, attention_factor=factor)
+    exact = reference(q, k, v, method, inv_freq, **kw)
+    qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    on_fake = rotary_attention(qb, kb, vb, method, inv_freq, backend="flash-attn", **kw)
+    on_cpu = rotary_attention(qb, kb, vb, method, inv_freq, backend="cpu" if "softcap" not in kw else "eager", **kw)
+    assert on_fake.dtype == torch.bfloat16
+    return (on_fake.double() - exact).abs().max().item(), (on_cpu.double() - exact).abs().max().item()
+
+
+@pytest.mark.parametrize("empty_lse", [math.inf, -math.inf])
+@pytest.mark.parametrize("T", [37, 5, 1])
+@pytest.mark.parametrize("spec", ["rerope:window=5", "leaky-rerope:window=6,scale=3", "self-extend:window=8,group=3",
+                                  "rope"])
+def test_wrapper_through_a_fake_flash_attn(fake, empty_lse, T, spec):
+    fake(empty_lse=empty_lse)
+    method = ropelab.parse_method(spec)
+    mask, offsets = left_padding(2, 37, [0, 9])
+    for kw in ({}, {"sliding_window": 11, "softcap": 2.0}, {"key_padding_mask": mask, "position_offset": offsets}):
+        fake_error, cpu_error = _error_pair(method, kw, T)
+        assert fake_error <= 2 * cpu_error + 2**-8, (kw, fake_error, cpu_error)
+
+
+def test_single_row_decode_sets_no_window_or_causal_edge(monkeypatch):
+    calls = []
+    monkeypatch.setitem(sys.modules, "flash_attn", fake_module(calls=calls))
+    method = M("self-extend", window=8, group=3)
+    q, k, v = (t.bfloat16() for t in inputs(T=1, S=40))
+    rotary_attention(q, k, v, method, freqs(method, 16, 40)[0], backend="flash-attn", sliding_window=20)
+    assert len(calls) == 2
+    for call in calls:  # flash-attn's grouped-query decode path needs both edges unset
+        assert "window_size" not in call and "causal" not in call and call["n"] == 1
+    assert sorted(call["m"] for call in calls) == [8, 12]  # the band's keys, the far part's keys
+
+
+def test_old_flash_attn_is_refused_with_its_version(fake):
+    fake(version="2.5.9")
+    q, k, v = (t.bfloat16() for t in inputs(T=4, S=10))
+    method = M("rope")
+    with pytest.raises(RuntimeError, match=r"^flash_attn.__version__='2.5.9': ropelab needs flash-attn >= 2.6"):
+        rotary_attention(q, k, v, method, freqs(method, 16, 10)[0], backend="flash-attn")
+
+
+def test_flash_attn_3_is_refused_by_name():
+    q, k, v = inputs(T=4, S=10)
+    method = M("rope")
+    with pytest.raises(ValueError, match=r"^backend='flash-attn3': not supported \(flash-attn 3's flash_attn_interface"):
+        rotary_attention(q, k, v, method, freqs(method, 16, 10)[0], backend="flash-attn3")
+
+
+class CountSyncs(TorchDispatchMode):
+    """Counts ops that hand a tensor's value to Python or copy it to the host."""
+
+    SYNCS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.equal.default,
+             torch.ops.aten.is_nonzero.default, torch.ops.aten.item.default}
+
+    def __init__(self):
+        super().__init__()
+        self.syncs, self.paused = [], False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if not self.paused:
+            if func in self.SYNCS:
+                self.syncs.append(str(func))
+            if func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default):
+                source = args[1] if func is torch.ops.aten.copy_.default else args[0]
+                target = args[0].device if func is torch.ops.aten.copy_.default else kwargs.get("device")
+                if target is not None and torch.device(target).type == "cpu" and source.device.type != "cpu":
+                    self.syncs.append(f"{func} to cpu")
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("spec", ["rerope:window=8", "leaky-rerope:window=8,scale=4", "self-extend:window=8,group=4"])
+def test_decode_step_on_the_cuda_path_never_synchronises(monkeypatch, spec):
+    counter = CountSyncs()
+    real = fake_module()
+
+    def uncounted(*args, **kw):  # the kernel itself is the device's business
+        counter.paused = True
+        try:
+            return real.flash_attn_func(*args, **kw)
+        finally:
+            counter.paused = False
+
+    module = types.ModuleType("flash_attn")
+    module.__spec__ = real.__spec__
+    module.__version__, module.flash_attn_func = real.__version__, uncounted
+    monkeypatch.setitem(sys.modules, "flash_attn", module)
+    method = ropelab.parse_method(spec)
+    q, k, v = (t.bfloat16() for t in inputs(T=1, S=40))
+    inv_freq = freqs(method, 16, 40)[0]
+    positions = torch.arange(40)[None].expand(2, 40)
+    offset = torch.zeros(2, dtype=torch.long)
+    forms = rotate_key_forms(method, inv_freq, 1.0, "half", k[:, :, :39], positions[:, :39], tables=False)
+    with counter:
+        new = rotate_key_forms(method, inv_freq, 1.0, "half", k[:, :, 39:], positions[:, 39:], tables=False)
+        kept = {name: torch.cat((forms[name], new[name]), 2) for name in forms}
+        out = rotary_attention(q, k, v, method, inv_freq, position_offset=offset, key_forms=kept,
+                               backend="flash-attn")
+    assert counter.syncs == []
+    exact = reference(q.double(), k.double(), v.double(), method, inv_freq)
+    assert (out.double() - exact).abs().max() < 2**-6  # bfloat16 inputs and output
+
+
+def test_the_counter_sees_synchronisations():
+    # The CPU backend's padded path reads its mask on the host (bool(mask.all())) and
+    # looks up tables by range (int(aminmax)): the counter must see those.
+    method = M("self-extend", window=8, group=4)
+    q, k, v = inputs(T=3, S=40)
+    mask, offsets = left_padding(2, 40, [0, 5])
+    counter = CountSyncs()
+    with counter:
+        rotary_attention(q, k, v, method, freqs(method, 16, 40)[0], key_padding_mask=mask, position_offset=offsets)
+    assert "aten._local_scalar_dense.default" in counter.syncs
