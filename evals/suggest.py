@@ -90,6 +90,13 @@ def self_extend_group(train_length: int, target_length: int, window: int) -> int
     return max(1, math.ceil((target_length - window) / (train_length - window) - 1e-12))
 
 
+# Methods with no rule: said so by name, so a new method cannot be silently left out.
+NO_RULE = {
+    "longrope": "its per-dimension factors come from a per-model evolutionary search (Ding et al. 2024, "
+                "LongRoPE); no rule gives them: use the factors a model's config publishes (Phi-3)",
+}
+
+
 def suggest(train_length: int, target_length: int, head_dim: int, base: float) -> list[Suggestion]:
     """Rule-based settings of every method for a model trained at `train_length` (L) with
     rotary dimension `head_dim` (d) and RoPE base `base` (b), run at `target_length` (N).
@@ -231,6 +238,8 @@ def cmd_suggest(args) -> int:
           "rule-based starting points (docs/methods.md, \"Defaults from the sources\"); measure before trusting them\n")
     for item in suggestions:
         print(f"{item.spec}\n    rule:   {item.rule}\n    source: {item.source}")
+    for name, reason in NO_RULE.items():
+        print(f"{name}: no suggestion; {reason}")
     return 0
 
 

@@ -43,6 +43,7 @@ from torch import nn
 
 from ..method import Method
 from . import architectures as arch
+from .model_facts import SINUSOIDAL_FAMILIES
 from .handle import current_patch, resolve_method
 
 # float32 frequencies computed by transformers against ropelab's float64 cast to float32:
@@ -103,7 +104,7 @@ def exported_config(model: nn.Module, method: Method | str, **params):
     model's rotary class. NotImplementedError (naming the method and the reason) if none can."""
     method = resolve_method(method, params)
     given = method.spec()  # named as the user wrote it, before the model's training length is filled in
-    if getattr(model.config, "model_type", None) in arch.SINUSOIDAL_FAMILIES:
+    if getattr(model.config, "model_type", None) in SINUSOIDAL_FAMILIES:
         raise NotImplementedError(f"method={given!r}: {REFUSALS['sinusoidal']}")
     arch.family_of(model)
     sites = arch.find_rotary_sites(model)

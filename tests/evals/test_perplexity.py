@@ -48,18 +48,19 @@ def test_position_protocol_one_forward_for_prefix_consistent(model, tokenizer, d
         calls.append(method.spec())
         return contextlib.nullcontext(model_)
 
-    per_query = "dynamic-ntk:scale=2,per_query=True"
+    per_query = "dynamic-ntk:scale=2,per_query=True"  # recorded under its canonical text
     records = run(model, tokenizer, docs, ["rope", "dynamic-ntk:scale=2", per_query], [16, 32, W], protocol="position",
                   apply_method=counting)
     rope = [r for r in records if r["method"] == "rope"]
     dyn = [r for r in records if r["method"] == "dynamic-ntk:scale=2"]
     assert [r["length"] for r in rope] == [W, W]  # one forward per document, at the window
     # dynamic-ntk per_query=true is prefix-consistent: one forward serves every length
-    assert [(r["length"], r["prefix_consistent"]) for r in records if r["method"] == per_query] == [(W, True)] * 2
+    assert [(r["length"], r["prefix_consistent"]) for r in records
+            if r["method"] == ropelab.parse_method(per_query).spec()] == [(W, True)] * 2
     assert sorted(r["length"] for r in dyn) == [16, 16, 32, 32, W, W]  # length-dependent: one per length
     direct = token_losses(model, docs[0].ids)
     assert rope[0]["losses"] == pytest.approx(direct.tolist(), abs=1e-5)
-    assert calls == ["rope", "dynamic-ntk:scale=2", per_query]  # each method applied once for all its jobs
+    assert calls == ["rope", "dynamic-ntk:scale=2", ropelab.parse_method(per_query).spec()]  # each once for all its jobs
 
 
 def test_sliding_window_scores_every_token_once(model, tokenizer, docs):
