@@ -32,13 +32,13 @@ def default_methods(position: str, train_length: int, longest: int) -> list[str]
         return [AS_TRAINED_SPEC]
     frequency = [f"linear:scale={s}", f"ntk:scale={s}", f"beta-base:scale={s}"]
     if position == "sinusoidal":
-        return ["rope", *frequency]
+        return [ropelab.parse_method(m).spec() for m in ("rope", *frequency)]
     leaky_w = max(1, train_length // 4)
     k = leaky_scale_for(train_length, leaky_w, longest)
     methods = ["rope", *frequency, f"rerope:window={train_length // 2}", f"leaky-rerope:window={leaky_w},scale={k:g}"]
     if position != "rope-logn":
         methods += ["rope:logn=true", f"ntk:scale={s},logn=true", f"rerope:window={train_length // 2},logn=true"]
-    return methods
+    return [ropelab.parse_method(m).spec() for m in methods]  # canonical text, as records hold it
 
 
 def check_method(position: str, spec: str) -> ropelab.Method:
