@@ -66,3 +66,34 @@ def heldout_documents(source: str, tokenizer, length: int, count: int, heldout_e
         f"data={source!r}: the held-out documents (1 in {heldout_every}) give only {len(chosen)} of {count} "
         f"windows of {length} tokens; use fewer documents, shorter lengths or a larger corpus"
     )
+
+
+def train_tokenizer(source: str, vocab_size: int, heldout_every: int, max_chars: int = 8_000_000):
+    """A byte-level BPE tokenizer of `vocab_size` trained on the training documents only (the
+    first `max_chars` characters of them), with one special token `<|endoftext|>`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if not isinstance(vocab_size, int) or not 300 <= vocab_size <= 200_000:
+        raise ValueError(f"tokenizer vocabulary={vocab_size!r}: must be an integer in [300, 200000] "
+                         "(256 bytes plus merges)")
+    check_every(heldout_every)
+
+    def texts():
+        seen = 0
+        for doc in iter_documents(source):
+            if is_heldout(doc.id, heldout_every):
+                continue
+            yield doc.text
+            seen += len(doc.text)
+            if seen >= max_chars:
+                return
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts(), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                   unk_token="<|endoftext|>", pad_token="<|endoftext|>")

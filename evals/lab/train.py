@@ -129,10 +129,21 @@ def check_folder(out: Path, config: TrainConfig) -> bool:
     return False
 
 
-def load_tokenizer(name: str):
-    """The tokenizer named by `name`: a default model's (offline, from its GGUF file) or a folder."""
+def load_tokenizer(name: str, config: TrainConfig | None = None, out: Path | None = None):
+    """The tokenizer named by `name`: a default model's (offline, from its GGUF file), a folder,
+    or `corpus:V` (byte-level BPE of V tokens trained on the run's training documents, saved in
+    OUT/tokenizer on the first call so a resume uses the very same one)."""
     from transformers import AutoTokenizer
 
+    if name.startswith("corpus:"):
+        size = name.split(":", 1)[1]
+        if not size.isdigit():
+            raise ValueError(f"tokenizer={name!r}: write corpus:VOCABULARY, like corpus:8192")
+        if out is not None and (out / "tokenizer").is_dir():
+            return AutoTokenizer.from_pretrained(out / "tokenizer")
+        from .corpus import train_tokenizer
+
+        return train_tokenizer(config.data, int(size), config.heldout_every)
     if os.path.isdir(name):
         return AutoTokenizer.from_pretrained(name)
     from ropelab.patches.loading import gguf_path
@@ -225,7 +236,7 @@ def train(config: TrainConfig, out, *, tokenizer=None, device: str | None = None
     from tqdm.auto import tqdm
 
     out = Path(out)
-    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.tokenizer)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.tokenizer, config, out)
     limit = pos.available_bytes() if memory_limit == "auto" else memory_limit
     size = validate(config, len(tokenizer), limit)
     resuming = check_folder(out, config)
@@ -259,6 +270,8 @@ def train(config: TrainConfig, out, *, tokenizer=None, device: str | None = None
         out.mkdir(parents=True, exist_ok=True)
         if not resuming:
             torch.save(tokens.flatten(), out / "tokens.pt")
+            if config.tokenizer.startswith("corpus:"):
+                tokenizer.save_pretrained(out / "tokenizer")
             (out / RUN_FILE).write_text(json.dumps({"run": _record(config)}, indent=2))
         _recover(out)
     accelerator.wait_for_everyone()

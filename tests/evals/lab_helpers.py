@@ -30,8 +30,9 @@ def corpus(tmp_path_factory):
 
 def micro_config(position: str, corpus, tokens: int = 4 * 16 * 4, **overrides) -> TrainConfig:
     """A micro run: size micro, L = 16, batch 4, lr 1e-2 (large: a few steps must show learning)."""
-    return TrainConfig(position=position, size="micro", train_length=16, batch_size=4, tokens=tokens, lr=1e-2,
-                       warmup=0.0, data=str(corpus), heldout_every=4, tokenizer="micro-bpe", **overrides)
+    settings = dict(position=position, size="micro", train_length=16, batch_size=4, tokens=tokens, lr=1e-2,
+                    warmup=0.0, data=str(corpus), heldout_every=4, tokenizer="micro-bpe")
+    return TrainConfig(**{**settings, **overrides})
 
 
 def read_losses(run_dir) -> list[float]:

@@ -128,3 +128,19 @@ def test_run_record_names_tokenizer_and_method(corpus, tokenizer, tmp_path):
     run = json.loads((tmp_path / "run" / "lab.json").read_text())["run"]
     assert run["training_method"] == "rope:train_length=4,logn=True"
     assert run["logn_length"] == 4 and run["tokenizer"] == "micro-bpe"
+
+
+def test_corpus_tokenizer_is_trained_once_and_reused_on_resume(corpus, tmp_path):
+    config = micro_config("rope", corpus, tokens=4 * 16 * 4, tokenizer="corpus:320")
+    train(config, tmp_path / "whole", progress=False, save_every=2)
+    train(config, tmp_path / "cut", progress=False, save_every=2, stop_after=3)
+    saved = snapshot(tmp_path / "cut" / "tokenizer")
+    train(config, tmp_path / "cut", progress=False, save_every=2)
+    assert snapshot(tmp_path / "cut" / "tokenizer") == saved
+    assert read_losses(tmp_path / "cut") == read_losses(tmp_path / "whole")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tmp_path / "whole" / "model")
+    assert len(tok) == 320 and tok.eos_token == "<|endoftext|>"
+    # trained on training documents only: the held-out split is the corpus's, not the tokenizer's
+    assert json.loads((tmp_path / "whole" / "lab.json").read_text())["run"]["tokenizer"] == "corpus:320"
