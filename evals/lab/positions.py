@@ -45,8 +45,8 @@ class Size:
 
 SIZES = {
     "micro": Size(32, 2, 4, 64),  # tests: a few seconds per run
-    "tiny": Size(64, 2, 4, 128),  # the notebook
-    "small": Size(128, 4, 4, 512),  # the default budget (README, "The lab")
+    "tiny": Size(64, 2, 4, 128),  # the default (README, "The lab")
+    "small": Size(128, 4, 4, 512),
 }
 
 

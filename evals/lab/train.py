@@ -42,10 +42,10 @@ class TrainConfig:
     """Everything that changes a run's numbers (recorded in lab.json; a folder holds one run)."""
 
     position: str = "rope"
-    size: str = "small"
-    train_length: int = 256
+    size: str = "tiny"
+    train_length: int = 128
     batch_size: int = 8
-    tokens: int = 400_000  # budget: steps = tokens // (batch_size × train_length)
+    tokens: int = 262_144  # budget: steps = tokens // (batch_size × train_length); README "The lab" for its cost
     lr: float = 2e-3
     warmup: float = 0.05  # fraction of the steps with a linear warm-up; then cosine to 10%
     weight_decay: float = 0.01
