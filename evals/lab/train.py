@@ -129,6 +129,15 @@ def check_folder(out: Path, config: TrainConfig) -> bool:
     return False
 
 
+def check_device(device: str | None) -> None:
+    if device is None or device == "cpu":
+        return
+    if not device.startswith("cuda") or not (device == "cuda" or device[5:6] == ":" and device[6:].isdigit()):
+        raise ValueError(f"device={device!r}: must be cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise ValueError(f"device={device!r}: no CUDA device is available here")
+
+
 def load_tokenizer(name: str, config: TrainConfig | None = None, out: Path | None = None):
     """The tokenizer named by `name`: a default model's (offline, from its GGUF file), a folder,
     or `corpus:V` (byte-level BPE of V tokens trained on the run's training documents, saved in
@@ -236,10 +245,13 @@ def train(config: TrainConfig, out, *, tokenizer=None, device: str | None = None
     from tqdm.auto import tqdm
 
     out = Path(out)
+    check_device(device)
+    pos.check_position(config.position)  # the cheap checks before a tokenizer is loaded or trained
+    pos.check_size(pos.parse_size(config.size), config.position)
+    resuming = check_folder(out, config)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.tokenizer, config, out)
     limit = pos.available_bytes() if memory_limit == "auto" else memory_limit
     size = validate(config, len(tokenizer), limit)
-    resuming = check_folder(out, config)
     if resuming:
         record = json.loads((out / RUN_FILE).read_text())
         if "summary" in record and (out / "model").is_dir():
@@ -259,9 +271,9 @@ def train(config: TrainConfig, out, *, tokenizer=None, device: str | None = None
                          "training tokens")
     tokens = tokens[: blocks * config.train_length].view(blocks, config.train_length)
 
-    accelerator = Accelerator(cpu=device == "cpu") if device in (None, "cpu") else Accelerator()
-    if device not in (None, "cpu") and accelerator.num_processes == 1:
-        torch.cuda.set_device(torch.device(device)) if device.startswith("cuda") else None
+    if device is not None and device.startswith("cuda:"):
+        torch.cuda.set_device(torch.device(device))  # accelerate places a single process on the current device
+    accelerator = Accelerator(cpu=device == "cpu")
     world, rank = accelerator.num_processes, accelerator.process_index
     if config.batch_size % world:
         raise ValueError(f"batch_size={config.batch_size}: must be divisible by the {world} processes")

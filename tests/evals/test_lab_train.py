@@ -92,6 +92,12 @@ def test_bad_input_is_refused_before_writing(change, message, corpus, tokenizer,
     assert not (tmp_path / "run").exists()
 
 
+def test_bad_device_is_refused(corpus, tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="device='tpu': must be cpu, cuda or cuda:N"):
+        train(micro_config("rope", corpus), tmp_path / "run", tokenizer=tokenizer, device="tpu", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
 def test_odd_head_dimension_is_refused_for_rotary(corpus, tokenizer, tmp_path):
     config = TrainConfig(**{**micro_config("rope", corpus).__dict__, "size": "12x2x4"})  # head dim 3
     with pytest.raises(ValueError, match="head dimension 3 must be even"):
