@@ -96,3 +96,18 @@ def test_an_unfinished_run_is_refused(corpus, tokenizer, tmp_path):  # noqa: F81
     with pytest.raises(ValueError, match="training has not finished"):
         evaluate([tmp_path / "run"], tmp_path / "eval", progress=False)
     assert not (tmp_path / "eval").exists()
+
+
+def test_trained_models_run_in_the_ordinary_harness(runs, tokenizer):
+    """What `ropelab eval --model RUN/model` does: load the folder, patch, score (rope and sinusoidal models)."""
+    from ropelab.evals import perplexity
+    from ropelab.evals.models import load_model, train_length
+
+    for position, methods in (("rope", ["rope", "ntk:scale=2", "rerope:window=8"]), ("sinusoidal", ["rope", "ntk:scale=2"])):
+        model, tok, _ = load_model(str(runs[position] / "model"))
+        assert train_length(model) == 16 and len(tok) == len(tokenizer)
+        run = json.loads((runs[position] / "lab.json").read_text())["run"]
+        docs = heldout_documents(run["data"], tok, 64, 1, run["heldout_every"])
+        records = perplexity(model, tok, docs, methods, [32, 64], targets=16, progress=False)
+        assert {r["method"] for r in records} == set(methods)
+        assert all(r["status"] == "ok" and r["loss"] > 0 for r in records)
