@@ -280,11 +280,11 @@ def train(config: TrainConfig, out, *, tokenizer=None, device: str | None = None
     main = accelerator.is_main_process
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        if not resuming:
-            torch.save(tokens.flatten(), out / "tokens.pt")
+        if not resuming:  # lab.json first: a folder killed after it resumes (tokens.pt is remade if missing)
+            (out / RUN_FILE).write_text(json.dumps({"run": _record(config)}, indent=2))
             if config.tokenizer.startswith("corpus:"):
                 tokenizer.save_pretrained(out / "tokenizer")
-            (out / RUN_FILE).write_text(json.dumps({"run": _record(config)}, indent=2))
+            torch.save(tokens.flatten(), out / "tokens.pt")
         _recover(out)
     accelerator.wait_for_everyone()
 
