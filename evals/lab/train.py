@@ -280,10 +280,11 @@ def train(config: TrainConfig, out, *, tokenizer=None, device: str | None = None
     main = accelerator.is_main_process
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        if not resuming:  # lab.json first: a folder killed after it resumes (tokens.pt is remade if missing)
+        if not resuming:  # lab.json first: a folder killed after it resumes, and the rest is remade
             (out / RUN_FILE).write_text(json.dumps({"run": _record(config)}, indent=2))
-            if config.tokenizer.startswith("corpus:"):
-                tokenizer.save_pretrained(out / "tokenizer")
+        if config.tokenizer.startswith("corpus:") and not (out / "tokenizer").is_dir():
+            tokenizer.save_pretrained(out / "tokenizer")
+        if not (out / "tokens.pt").exists():
             torch.save(tokens.flatten(), out / "tokens.pt")
         _recover(out)
     accelerator.wait_for_everyone()
