@@ -94,6 +94,8 @@ def self_extend_group(train_length: int, target_length: int, window: int) -> int
 NO_RULE = {
     "longrope": "its per-dimension factors come from a per-model evolutionary search (Ding et al. 2024, "
                 "LongRoPE); no rule gives them: use the factors a model's config publishes (Phi-3)",
+    "inverse-leaky-rerope": "a training-time map (Su, Transformer升级之路 13): a model trained with it runs plain "
+                            "RoPE at inference (`ropelab lab train --position inverse-leaky`)",
 }
 
 

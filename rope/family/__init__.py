@@ -3,6 +3,7 @@
 from . import (  # noqa: F401  (importing registers)
     beta_base,
     dynamic_ntk,
+    inverse_leaky_rerope,
     leaky_rerope,
     linear,
     llama3,

@@ -1,15 +1,17 @@
-"""notebooks/evals_walkthrough.ipynb executes headlessly (nbclient when installed, else its
-code cells in order in one namespace)."""
+"""notebooks/evals_walkthrough.ipynb and notebooks/lab_walkthrough.ipynb execute headlessly
+(nbclient when installed, else their code cells in order in one namespace)."""
 
 import json
 from pathlib import Path
 
 import pytest
 
-NOTEBOOK = Path(__file__).resolve().parents[2] / "notebooks" / "evals_walkthrough.ipynb"
+NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 
 
-def test_notebook_executes(tmp_path, monkeypatch):
+@pytest.mark.parametrize("name", ["evals_walkthrough.ipynb", "lab_walkthrough.ipynb"])
+def test_notebook_executes(name, tmp_path, monkeypatch):
+    NOTEBOOK = NOTEBOOKS / name
     if not NOTEBOOK.exists():
         pytest.skip("notebooks/ is not beside the tests (installed package only)")
     monkeypatch.chdir(tmp_path)

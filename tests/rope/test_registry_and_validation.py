@@ -9,7 +9,7 @@ from ropelab.spec import parse_int_with_suffix
 
 EXPECTED = {
     "rope", "linear", "ntk", "ntk-old", "beta-base", "dynamic-ntk", "yarn", "llama3",
-    "rerope", "leaky-rerope", "self-extend", "sinusoidal", "longrope",
+    "rerope", "leaky-rerope", "self-extend", "sinusoidal", "longrope", "inverse-leaky-rerope",
 }  # fmt: skip
 
 
