@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 SCHEMA = 2
-KINDS = {"perplexity": "results", "passkey": "passkey", "lm-eval": "lm_eval", "ruler": "ruler", "tune": "tune"}
+KINDS = {"perplexity": "results", "passkey": "passkey", "lm-eval": "lm_eval", "ruler": "ruler", "tune": "tune",
+         "lab": "lab_results"}
 RUN_LOCK = ".ropelab.lock"
 
 

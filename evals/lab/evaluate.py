@@ -32,7 +32,6 @@ from .corpus import heldout_documents
 from .figures import length_figure
 from .positions import POSITIONS
 
-RESULTS = "lab_results.jsonl"
 
 
 @torch.inference_mode()
@@ -86,48 +85,54 @@ def plan(runs, factors, methods) -> list[dict]:
 def evaluate(runs, out, *, factors=(1, 4, 8, 16), methods=None, documents: int = 4, chunk: int = 1024,
              progress: bool = True) -> dict:
     """Evaluate (or resume evaluating) trained runs; write the tables and figures; return the table."""
-    from tqdm.auto import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     plans = plan(runs, list(factors), methods)
     if not isinstance(documents, int) or documents < 1:
         raise ValueError(f"documents={documents!r}: must be an integer >= 1")
     out = Path(out)
-    store = ResultStore(out / RESULTS)
-    store.set_protocol({"kind": "lab-eval", "factors": sorted(set(factors)), "documents": documents,
-                        "score": "mean over predictions of tokens 1..N-1 of each window's first N tokens; "
-                                 "accuracy = argmax hits; one forward per window of the longest length"})
-    done = store.done()
-    for p in plans:
-        run = p["run"]
-        window = p["lengths"][-1]
-        model = AutoModelForCausalLM.from_pretrained(p["dir"] / "model", dtype=torch.float32).eval()
-        tokenizer = AutoTokenizer.from_pretrained(p["dir"] / "model")
-        check_head(model)
-        docs = heldout_documents(run["data"], tokenizer, window, documents, run["heldout_every"])
-        params = {"protocol": "lab-position", "window": window}
-        jobs = [(m, d, job_key(p["name"], m.spec(), params, d.id, window)) for m in p["methods"] for d in docs]
-        jobs = [j for j in jobs if j[2] not in done]
-        bar = tqdm(jobs, desc=f"lab eval {p['name']}", unit="job", disable=not progress)
-        for method, doc, key in bar:
-            record = {"type": "lab", "key": key, "run": p["name"], "position": run["position"], "seed": run["seed"],
-                      "train_length": run["train_length"], "method": method.spec(), "document": doc.id,
-                      "window": window}
-            try:
-                start = time.perf_counter()
-                with lab_methods.apply_to(model, run["position"], method, run["train_length"], run["logn_length"]):
-                    losses, hits = losses_and_hits(model, doc.ids, chunk)
-                record.update(status="ok", seconds=time.perf_counter() - start,
-                              losses=[float(f"{x:.5g}") for x in losses.tolist()],
-                              hits="".join("1" if h else "0" for h in hits.tolist()))
-            except Exception as exc:  # recorded; the sweep goes on and retries it next time
-                record.update(status="error", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(limit=4))
-            store.append(record)
-        bar.close()
-        del model
-    table = summarise(store.latest(), {p["name"]: p["lengths"] for p in plans})
+    with ResultStore(out, "lab") as store:
+        store.begin({"kind": "lab-eval", "factors": sorted(set(factors)), "documents": documents,
+                     "score": "mean over predictions of tokens 1..N-1 of each window's first N tokens; "
+                              "accuracy = argmax hits; one forward per window of the longest length"})
+        done = store.done()
+        for p in plans:
+            _evaluate_run(p, store, done, documents, chunk, progress)
+        records = store.latest()
+    table = summarise(records, {p["name"]: p["lengths"] for p in plans})
     write_outputs(table, out)
     return table
+
+
+def _evaluate_run(p: dict, store: ResultStore, done: set, documents: int, chunk: int, progress: bool) -> None:
+    """Every (method, held-out window) job of one trained run that is not done yet, into `store`."""
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run = p["run"]
+    window = p["lengths"][-1]
+    model = AutoModelForCausalLM.from_pretrained(p["dir"] / "model", dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(p["dir"] / "model")
+    check_head(model)
+    docs = heldout_documents(run["data"], tokenizer, window, documents, run["heldout_every"])
+    params = {"protocol": "lab-position", "window": window}
+    jobs = [(m, d, job_key(p["name"], m.spec(), params, {"document": d.id, "length": window})) for m in p["methods"] for d in docs]
+    jobs = [j for j in jobs if j[2] not in done]
+    bar = tqdm(jobs, desc=f"lab eval {p['name']}", unit="job", disable=not progress)
+    for method, doc, key in bar:
+        record = {"type": "lab", "key": key, "run": p["name"], "position": run["position"], "seed": run["seed"],
+                  "train_length": run["train_length"], "method": method.spec(), "document": doc.id,
+                  "window": window}
+        try:
+            start = time.perf_counter()
+            with lab_methods.apply_to(model, run["position"], method, run["train_length"], run["logn_length"]):
+                losses, hits = losses_and_hits(model, doc.ids, chunk)
+            record.update(status="ok", seconds=time.perf_counter() - start,
+                          losses=[float(f"{x:.5g}") for x in losses.tolist()],
+                          hits="".join("1" if h else "0" for h in hits.tolist()))
+        except Exception as exc:  # recorded; the sweep goes on and retries it next time
+            record.update(status="error", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(limit=4))
+        store.append(record)
+    bar.close()
+    del model
 
 
 def summarise(records, lengths_of: dict) -> dict:
