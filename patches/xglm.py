@@ -1,5 +1,5 @@
 """Frequency maps on a sinusoidal-position decoder: XGLM (Vaswani et al. 2017's absolute
-encoding, added to the token embeddings; shared/docs/methods.md, "Absolute").
+encoding, added to the token embeddings; docs/methods.md, "Absolute").
 
 XGLM's table (`XGLMSinusoidalPositionalEmbedding.get_embedding`, tensor2tensor's form) is
 row n = [sin(n·ω_0..ω_{h-1}), cos(n·ω_0..ω_{h-1})] with ω_i = 10000^(-i/(h-1)), h = d/2,

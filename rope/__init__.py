@@ -2,7 +2,7 @@
 
 The position math lives here (torch only, no transformers): a family of registered
 methods, each the composition of a frequency map, a relative-position map and a query
-scale (shared/docs/methods.md), and the kernels that apply them.
+scale (docs/methods.md), and the kernels that apply them.
 
     >>> import ropelab
     >>> ropelab.methods()

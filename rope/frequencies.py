@@ -1,7 +1,7 @@
 """Frequency maps as pure functions: (dim, base, ...) -> inverse frequencies.
 
 Every function returns float64 so that angles stay exact at long range; callers cast
-when they build cos/sin tables. Formulas and sources are in shared/docs/methods.md:
+when they build cos/sin tables. Formulas and sources are in docs/methods.md:
 
 - rope:        θ_i = b^(-2i/d)                              (Su et al., RoFormer)
 - linear (PI): θ_i / s                                      (Chen et al. 2023, arXiv 2306.15595)

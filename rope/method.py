@@ -1,4 +1,4 @@
-"""The shape every position method shares (shared/docs/methods.md, "A method is the
+"""The shape every position method shares (docs/methods.md, "A method is the
 composition of up to three independent parts"):
 
 1. a frequency map `θ_i -> θ'_i` plus an attention factor that multiplies cos and sin;

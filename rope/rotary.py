@@ -3,7 +3,7 @@
 Angles are computed in float64 (position × frequency) and only then cast: in float32 the
 product at position 2^20 is off by ~0.06 rad, which is a different position entirely.
 
-Layouts (shared/docs/methods.md): `half` pairs dimension i with i + d/2 (HF Llama's
+Layouts (docs/methods.md): `half` pairs dimension i with i + d/2 (HF Llama's
 `rotate_half`); `interleaved` pairs 2i with 2i+1 (GPT-J, Cohere, GLM). With partial rotary
 (GPT-NeoX, Phi, StableLM) only the first `rotary_dim` dimensions are rotated; the rest pass
 through untouched.

@@ -1,4 +1,4 @@
-"""The registered position methods: one small file each (see shared/docs/methods.md)."""
+"""The registered position methods: one small file each (see docs/methods.md)."""
 
 from . import (  # noqa: F401  (importing registers)
     beta_base,

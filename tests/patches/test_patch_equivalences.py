@@ -1,4 +1,4 @@
-"""Every method reduces to something known, on every family (shared/docs/methods.md,
+"""Every method reduces to something known, on every family (docs/methods.md,
 "Equivalences every implementation must pass"), checked on the logits of tiny random models.
 
 Tolerance 1e-5 absolute on logits: the unpatched model computes angles `position × θ` in

@@ -1,6 +1,6 @@
 """rotary_attention against a brute-force float64 reference.
 
-The reference builds the full T×S logit matrices the way shared/docs/methods.md states
+The reference builds the full T×S logit matrices the way docs/methods.md states
 the methods (near: q at i, k at j; far: q at far_query_position(i), k at
 far_key_position(j), frequencies / far_freq_divisor; chosen elementwise by r = i - j),
 then masks, soft-caps and takes the softmax. The kernel never forms those matrices, so
@@ -249,7 +249,7 @@ def test_non_contiguous_inputs_and_large_positions():
 
 
 # --------------------------------------------------------------------------------------
-# equivalences (shared/docs/methods.md)
+# equivalences (docs/methods.md)
 # --------------------------------------------------------------------------------------
 
 

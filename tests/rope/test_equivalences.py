@@ -1,4 +1,4 @@
-"""Every reduction in shared/docs/methods.md ("Equivalences every implementation must pass")
+"""Every reduction in docs/methods.md ("Equivalences every implementation must pass")
 checked on the method objects themselves. The kernels' versions of the same equivalences
 (on attention outputs) live in test_attention.py; through a model, in tests/patches."""
 

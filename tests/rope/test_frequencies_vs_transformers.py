@@ -105,7 +105,7 @@ def test_beta_base_reference_numbers_from_methods_md():
 
 
 def test_llama3_blend_rule_by_hand():
-    """One pair from each regime of methods.md's rule, computed by hand."""
+    """One pair from each regime of docs/methods.md's rule, computed by hand."""
     dim, base, length, s = 128, 5e5, 8192, 8
     inv = ropelab.get_method("llama3", scale=s, train_length=length).frequencies(dim, base).inv_freq
     theta = ropelab.get_method("rope").frequencies(dim, base).inv_freq
