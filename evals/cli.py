@@ -7,6 +7,12 @@
     ropelab passkey --methods rope,rerope:window=4k --lengths 4k,8k,16k --out runs/pk
     ropelab plot runs/demo                            figures and report.md from the files
     ropelab lm-eval --method ntk:scale=2 --tasks ropelab_passkey --limit 4
+    ropelab suggest --target-length 16k               rule-based starting settings, no weights loaded
+    ropelab export --method yarn:scale=4 --out DIR    the method as native rope parameters, for serving
+
+Model-running commands take --model (a default, a folder or a hub id org/name) and the
+loading flags --revision --dtype --device --device-map --max-memory --attn-implementation
+--trust-remote-code (ropelab.evals.loading).
 
 Exit codes: 0 ok; 1 a runtime failure (including jobs recorded as failed); 2 bad input,
 including an --out that another ropelab process is writing (reported in one line, no
@@ -28,11 +34,13 @@ from ropelab.spec import parse_int_with_suffix
 
 from .checks import check_depths, check_int
 from .data import check_source
-from .models import check_dtype, check_model_name
+from .export_command import add_export_parser
+from .loading import add_loading_arguments, check_model_name, loading_options
 from .protocols import Protocol
 from .protocols import get as get_protocol
 from .protocols import names as protocol_names
 from .results import check_can_write
+from .suggest import add_parser as add_suggest
 
 
 class BadInput(ValueError):
@@ -101,18 +109,23 @@ def checked(flag: str, check, *args):
         raise BadInput(f"{flag}: {exc}") from None
 
 
-def check_common(args, kind: str) -> None:
-    """What every model-running command checks before loading the model (nothing is created)."""
-    checked("--model", check_model_name, args.model)
-    checked("--dtype", check_dtype, args.dtype)
+def check_common(args, kind: str) -> dict:
+    """What every model-running command checks before loading the model (nothing is created);
+    returns `load_model`'s keyword arguments from the loading flags."""
+    try:
+        options = loading_options(args)  # its messages already name the flag
+    except ValueError as exc:
+        raise BadInput(str(exc)) from None
+    checked("--model", check_model_name, args.model, options["revision"], options["device_map"])
     checked("--out", check_can_write, args.out, kind)
+    return options
 
 
-def _load(args):
-    from .models import load_model
+def _load(args, options: dict):
+    from .loading import load_model
 
     print(f"loading model {args.model!r} ...", file=sys.stderr)
-    return load_model(args.model, args.dtype)
+    return load_model(args.model, **options)
 
 
 def _finish(out, records) -> int:
@@ -183,8 +196,8 @@ def cmd_eval(args) -> int:
     data = checked("--data", check_source, args.data)
     protocol = checked("--protocol", Protocol, args.protocol, window, args.targets, args.stride, data, args.short)
     checked("--lengths", protocol.check_lengths, lengths)
-    check_common(args, "perplexity")
-    model, tokenizer, source = _load(args)
+    options = check_common(args, "perplexity")
+    model, tokenizer, source = _load(args, options)
     records = perplexity(model, tokenizer, args.data, methods, lengths, protocol=protocol,
                          num_documents=args.documents, out=args.out, model_source=source, chunk=args.chunk,
                          progress=not args.quiet)
@@ -197,9 +210,9 @@ def cmd_sweep_default(args) -> int:
     lengths = parse_lengths(args.lengths)
     methods = parse_methods(args.methods) if args.methods else None
     checked("--lengths", Protocol("fixed-target", window=max(lengths), targets=args.targets).check_lengths, lengths)
-    check_common(args, "perplexity")
+    options = check_common(args, "perplexity")
     return _finish(args.out, run_default_sweep(args.out, model=args.model, lengths=lengths, methods=methods,
-                                               targets=args.targets, progress=not args.quiet, dtype=args.dtype))
+                                               targets=args.targets, progress=not args.quiet, **options))
 
 
 def cmd_passkey(args) -> int:
@@ -209,8 +222,8 @@ def cmd_passkey(args) -> int:
     lengths = parse_lengths(args.lengths)
     depths = checked("--depths", check_depths, parse_floats(args.depths, "--depths"))
     checked("--trials", check_int, "trials", args.trials)
-    check_common(args, "passkey")
-    model, tokenizer, source = _load(args)
+    options = check_common(args, "passkey")
+    model, tokenizer, source = _load(args, options)
     records = passkey(model, tokenizer, methods, lengths, depths, args.trials, seed=args.seed, out=args.out,
                       model_source=source, progress=not args.quiet)
     return _finish(args.out, records)
@@ -247,9 +260,9 @@ def cmd_lm_eval(args) -> int:
     passkey_lengths = parse_lengths(args.passkey_lengths, "--passkey-lengths")
     if args.include_path is not None and not os.path.isdir(args.include_path):
         raise BadInput(f"--include-path: include_path={args.include_path!r}: not a directory")
-    check_common(args, "lm-eval")
+    options = check_common(args, "lm-eval")
     require_lm_eval()
-    model, tokenizer, source = _load(args)
+    model, tokenizer, source = _load(args, options)
     include = args.include_path
     if PASSKEY_TASK in tasks and include is None:
         include = write_passkey_task(os.path.join(args.out, "tasks"), tokenizer, passkey_lengths)
@@ -269,9 +282,10 @@ def cmd_lm_eval(args) -> int:
     return 1 if failed else 0
 
 
-def _common(p, methods=True, out_default=None):
+def _common(p, methods=True, out_default=None, dtype_default="float32"):
     p.add_argument("--model", default="default",
-                   help="'default' (smollm2-135m), 'gemma3-270m', or a local save_pretrained folder")
+                   help="'default' (smollm2-135m), 'gemma3-270m', a local save_pretrained folder, or a hub id "
+                   "org/name (from the local cache; downloaded only where HF_HUB_OFFLINE is not set)")
     if methods:
         p.add_argument("--methods", action="append",
                        help="comma-separated specs name:key=value,... (repeatable; default rope; duplicates run "
@@ -279,8 +293,7 @@ def _common(p, methods=True, out_default=None):
     p.add_argument("--out", default=out_default, required=out_default is None,
                    help="run directory (resumable; one writer at a time, a second is refused)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="model precision (float32: exact; bfloat16: ~20%% faster on CPU; part of the model identity)")
+    add_loading_arguments(p, dtype_default)
 
 
 def _add(subparsers, name, func, help_text):
@@ -317,10 +330,9 @@ def add_eval(subparsers):
 def add_sweep_default(subparsers):
     p = _add(subparsers, "sweep-default", cmd_sweep_default,
              "the main job: SmolLM2-135M (bf16) on stdlib, 7 methods at 2x training length, plot and table (~14 min)")
-    _common(p, out_default="runs/default")
-    p.add_argument("--lengths", default="4k,16k", help="context lengths (budget: see ropelab.evals.sweep)")
     # bf16 keeps the main job inside 15 minutes on 2 cores (13.6 min measured; float32 16.9 min)
-    p.set_defaults(dtype="bfloat16")
+    _common(p, out_default="runs/default", dtype_default="bfloat16")
+    p.add_argument("--lengths", default="4k,16k", help="context lengths (budget: see ropelab.evals.sweep)")
     p.add_argument("--targets", type=int, default=2048, help="K: the fixed scored tokens")
 
 
@@ -351,7 +363,8 @@ def add_lm_eval(subparsers):
 
 
 # Each entry adds one subcommand: `add(subparsers)`. A new eval kind appends its own here.
-SUBCOMMANDS = [add_methods, add_info, add_eval, add_sweep_default, add_passkey, add_plot, add_lm_eval]
+SUBCOMMANDS = [add_methods, add_info, add_eval, add_sweep_default, add_passkey, add_plot, add_lm_eval, add_suggest,
+               add_export_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
