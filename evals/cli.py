@@ -28,14 +28,16 @@ import json
 import os
 import sys
 import traceback
+from datetime import timedelta
 
 import ropelab
 from ropelab.spec import parse_int_with_suffix
 
 from .checks import check_depths, check_int
 from .data import check_source
+from .distributed import Rank, check_same_parameters, default_shard, init_process_group, local_devices
 from .export_command import add_export_parser
-from .loading import add_loading_arguments, check_model_name, loading_options
+from .loading import add_loading_arguments, check_model_name, loading_options, parse_max_memory
 from .protocols import Protocol
 from .protocols import get as get_protocol
 from .protocols import names as protocol_names
@@ -109,15 +111,30 @@ def checked(flag: str, check, *args):
         raise BadInput(f"{flag}: {exc}") from None
 
 
-def check_common(args, kind: str) -> dict:
+def launch(args) -> Rank:
+    """Under torchrun: join the process group and refuse, on every rank, ranks given different
+    command lines (before anything is checked, loaded or run). A single process: rank 0 of 1."""
+    rank = checked("torchrun's environment", Rank.from_environment)
+    if rank.launched:
+        # Only Python objects and barriers travel between ranks, so gloo serves on GPUs too.
+        # A rank done with its share waits at the last barrier for the slowest: allow a day.
+        init_process_group(rank, "gloo", timedelta(days=1))
+        check_same_parameters({k: v for k, v in vars(args).items() if k != "func"})
+    return rank
+
+
+def check_common(args, kind: str, rank: Rank = Rank()) -> dict:
     """What every model-running command checks before loading the model (nothing is created);
-    returns `load_model`'s keyword arguments from the loading flags."""
+    returns `load_model`'s keyword arguments from the loading flags, with this rank's device."""
     try:
         options = loading_options(args)  # its messages already name the flag
     except ValueError as exc:
         raise BadInput(str(exc)) from None
     checked("--model", check_model_name, args.model, options["revision"], options["device_map"])
-    checked("--out", check_can_write, args.out, kind)
+    checked("--out", check_can_write, args.out, kind, default_shard(rank))
+    if rank.launched:
+        memory = parse_max_memory(options["max_memory"]) if options["max_memory"] else None
+        options.update(checked("--device", local_devices, rank, options["device"], options["device_map"], memory))
     return options
 
 
@@ -128,18 +145,20 @@ def _load(args, options: dict):
     return load_model(args.model, **options)
 
 
-def _finish(out, records) -> int:
+def _finish(out, records, rank: Rank = Rank()) -> int:
     from .plots import plot_run
     from .report import print_loss_table, write_report
     from .summary import skipped_lines
 
+    failed = [r for r in records if r.get("status") == "error"]
+    if rank.rank != 0:  # the records are the whole run's; rank 0 draws and reports them
+        return 1 if failed else 0
     for line in skipped_lines(out):
         print(f"skipped {line}", file=sys.stderr)
     plot_run(out)
     report = write_report(out)
     print_loss_table(out)
     print(f"results: {out}  report: {report}", file=sys.stderr)
-    failed = [r for r in records if r.get("status") == "error"]
     if failed:
         print(f"{len(failed)} of {len(records)} jobs failed (errors recorded in {out}); first: "
               f"{failed[0]['method']}: {failed[0]['error'][:200]}", file=sys.stderr)
@@ -188,6 +207,7 @@ def cmd_info(args) -> int:
 def cmd_eval(args) -> int:
     from .perplexity import perplexity
 
+    rank = launch(args)
     methods = parse_methods(args.methods or ["rope"])
     lengths = parse_lengths(args.lengths)
     window = parse_lengths(args.window, "--window")[0] if args.window else max(lengths)
@@ -196,37 +216,40 @@ def cmd_eval(args) -> int:
     data = checked("--data", check_source, args.data)
     protocol = checked("--protocol", Protocol, args.protocol, window, args.targets, args.stride, data, args.short)
     checked("--lengths", protocol.check_lengths, lengths)
-    options = check_common(args, "perplexity")
+    options = check_common(args, "perplexity", rank)
     model, tokenizer, source = _load(args, options)
     records = perplexity(model, tokenizer, args.data, methods, lengths, protocol=protocol,
                          num_documents=args.documents, out=args.out, model_source=source, chunk=args.chunk,
-                         progress=not args.quiet)
-    return _finish(args.out, records)
+                         shard=default_shard(rank), progress=not args.quiet)
+    return _finish(args.out, records, rank)
 
 
 def cmd_sweep_default(args) -> int:
     from .sweep import run_default_sweep
 
+    rank = launch(args)
     lengths = parse_lengths(args.lengths)
     methods = parse_methods(args.methods) if args.methods else None
     checked("--lengths", Protocol("fixed-target", window=max(lengths), targets=args.targets).check_lengths, lengths)
-    options = check_common(args, "perplexity")
-    return _finish(args.out, run_default_sweep(args.out, model=args.model, lengths=lengths, methods=methods,
-                                               targets=args.targets, progress=not args.quiet, **options))
+    options = check_common(args, "perplexity", rank)
+    records = run_default_sweep(args.out, model=args.model, lengths=lengths, methods=methods, targets=args.targets,
+                                progress=not args.quiet, shard=default_shard(rank), **options)
+    return _finish(args.out, records, rank)
 
 
 def cmd_passkey(args) -> int:
     from .passkey import passkey
 
+    rank = launch(args)
     methods = parse_methods(args.methods or ["rope"])
     lengths = parse_lengths(args.lengths)
     depths = checked("--depths", check_depths, parse_floats(args.depths, "--depths"))
     checked("--trials", check_int, "trials", args.trials)
-    options = check_common(args, "passkey")
+    options = check_common(args, "passkey", rank)
     model, tokenizer, source = _load(args, options)
     records = passkey(model, tokenizer, methods, lengths, depths, args.trials, seed=args.seed, out=args.out,
-                      model_source=source, progress=not args.quiet)
-    return _finish(args.out, records)
+                      model_source=source, shard=default_shard(rank), progress=not args.quiet)
+    return _finish(args.out, records, rank)
 
 
 def cmd_plot(args) -> int:
@@ -251,6 +274,9 @@ def cmd_plot(args) -> int:
 def cmd_lm_eval(args) -> int:
     from .lmeval import PASSKEY_TASK, lm_eval_run, require_lm_eval, write_passkey_task
 
+    if checked("torchrun's environment", Rank.from_environment).launched:
+        raise BadInput("lm-eval: launched with several ranks (torchrun or accelerate launch), which the lm-eval "
+                       "bridge does not split yet; run it as one process")
     method = parse_methods([args.method])[0]
     tasks = [t for t in args.tasks.split(",") if t.strip()]
     if not tasks:
@@ -395,6 +421,15 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"ropelab {args.command}: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

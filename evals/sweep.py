@@ -56,9 +56,11 @@ def default_methods(train_length: int, max_length: int) -> list[str]:
 
 
 def run_default_sweep(out: str = "runs/default", *, model: str = "default", lengths=(4096, 16384), methods=None,
-                      targets: int = 2048, progress: bool = True, dtype: str = "bfloat16", **loading) -> list[dict]:
+                      targets: int = 2048, progress: bool = True, dtype: str = "bfloat16", shard: str | None = None,
+                      **loading) -> list[dict]:
     """Run (or resume) the main job into `out`; returns the records (plots/report: cli `_finish`).
 
+    `shard`: this rank's shard of the result store in a sharded run (`distributed.default_shard`).
     `loading`: further keywords of `loading.load_model` (revision, device, device_map, ...)."""
     from .loading import load_model
     from .models import train_length
@@ -73,4 +75,4 @@ def run_default_sweep(out: str = "runs/default", *, model: str = "default", leng
           f"{budget_seconds(lengths, len(methods)) / 60:.0f} min on 2 CPU cores (SDPA timings; "
           "relative methods may take longer)", file=sys.stderr)
     return perplexity(net, tokenizer, "stdlib", methods, lengths, protocol=protocol, out=out, model_source=source,
-                      progress=progress)
+                      shard=shard, progress=progress)
