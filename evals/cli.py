@@ -14,6 +14,10 @@ Model-running commands take --model (a default, a folder or a hub id org/name) a
 loading flags --revision --dtype --device --device-map --max-memory --attn-implementation
 --trust-remote-code (ropelab.evals.loading).
 
+Under torchrun (`torchrun --nproc-per-node N -m ropelab eval ...`) eval, passkey and
+sweep-default split their jobs over the ranks (distributed.py, runner.py), each rank writing
+its own shard of --out.
+
 Exit codes: 0 ok; 1 a runtime failure (including jobs recorded as failed); 2 bad input,
 including an --out that another ropelab process is writing (reported in one line, no
 traceback; set ROPELAB_DEBUG=1 for the traceback). Bad input that needs no model is refused

@@ -20,8 +20,9 @@ and stops the ranks; this file only says which jobs and which devices are a rank
   before any job runs, and all of them refuse if not.
 - `share(pending, lengths, rank, agreement)`: what the job runner (`runner.py`) runs on this
   rank: the check above over the parameters and the pending jobs, then its part of the split.
-  Each rank appends to its own shard of the result store (`default_shard`), and readers merge
-  the shards (`results.py`).
+  It splits only a store opened as a shard (`default_shard()`, which the CLI passes): a
+  process group alone (tensor parallelism) splits nothing. Readers merge the shards
+  (`results.py`).
 """
 
 from __future__ import annotations

@@ -8,10 +8,13 @@ result, or `status: error` with the message. A method that does not parse or tha
 refuses fails all its jobs and the run goes on; a failed job is retried on the next run.
 Methods reach a model only through `ropelab.patches` (docs/design.md, "Layers").
 
-Under an initialised torch.distributed process group (`torchrun`; `distributed.py`) every
-rank lists the same jobs, skips those done in any shard of the run, takes its cost-balanced
-share of the rest, runs it into its own shard file, and waits at a barrier for the others;
-each then returns the merged records of the whole run.
+A store opened as a shard (`ResultStore(out, kind, shard="rank3")`; the CLI passes
+`distributed.default_shard()`) in an initialised torch.distributed process group (`torchrun`;
+`distributed.py`) makes a sharded run: every rank lists the same jobs, skips those done in
+any shard of the run, takes its cost-balanced share of the rest, runs it into its own shard
+file, and waits at a barrier for the others; each then returns the merged records of the
+whole run. Without a shard name a process group changes nothing (tensor-parallel ranks, for
+one, must all run every job together).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from tqdm.auto import tqdm
 import ropelab
 
 from .checks import as_list
-from .distributed import barrier, current_rank, share
+from .distributed import Rank, barrier, current_rank, share
 from .results import ResultStore, job_key
 
 
@@ -95,7 +98,7 @@ def run_jobs(model, store: ResultStore, methods: list[MethodEntry], make_jobs: C
         plan.append((entry, jobs))
     wanted = {key for _, jobs in plan for _, key in jobs}
     pending = [(key, job.fields.get("length") or 1) for _, jobs in plan for job, key in jobs if key not in done]
-    rank = current_rank()
+    rank = current_rank() if store.shard is not None else Rank()
     mine = set(share([k for k, _ in pending], [n for _, n in pending], rank,
                      {"model_key": model_key, "params": params, "methods": [e.spec for e in methods]}))
     bar = tqdm(total=len(mine), desc=desc if not rank.launched else f"{desc} rank {rank.rank}", unit="job",
@@ -130,5 +133,6 @@ def run_jobs(model, store: ResultStore, methods: list[MethodEntry], make_jobs: C
                     result = {**_error(exc), "traceback": traceback.format_exc(limit=4)}
                 record(entry, job, key, result)
     bar.close()
-    barrier()  # every rank's share is on disk before anyone reads the run
+    if rank.launched:
+        barrier()  # every rank's share is on disk before anyone reads the run
     return [r for r in store.merged() if r["key"] in wanted]  # with what earlier runs left in other shards
