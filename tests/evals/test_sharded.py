@@ -128,3 +128,17 @@ def test_shard_writers_share_a_run_but_exclude_an_unsharded_writer(tmp_path):
     with ResultStore(tmp_path, "perplexity", "rank1") as again:
         assert again.done() == {"j0", "j1"}
         assert {r["key"]: r["status"] for r in again.merged()} == {"j0": "ok", "j1": "ok"}
+
+
+@pytest.mark.slow
+def test_passkey_on_two_ranks_gives_the_single_process_answers(model_dir, tmp_path):
+    args = ["passkey", "--model", str(model_dir), "--methods", "rope,ntk:scale=2", "--lengths", "256,512",
+            "--depths", "0.1,0.9", "--quiet"]
+    result = single(*args, "--out", str(tmp_path / "one"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    result = launch(2, "-m", "ropelab", *args, "--out", str(tmp_path / "two"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = ({r["key"]: r for r in read_run(tmp_path / name, "passkey").records} for name in ("one", "two"))
+    assert len(a) == 8 and a.keys() == b.keys()
+    assert all(b[k]["status"] == "ok" and b[k]["answer"] == a[k]["answer"] for k in a)
+    assert all(read_file(tmp_path / "two" / f"passkey.shard-rank{r}.jsonl").records for r in range(2))
