@@ -10,12 +10,15 @@ schema-versioned result store), protocols.py (the registered perplexity protocol
 identity.py (a model's identity: names the weights), checks.py (input checks), data.py
 (corpora), losses.py (chunked LM-head losses), perplexity.py, passkey.py, lmeval.py
 (lm-evaluation-harness bridge, optional), summary.py / plots.py / report.py (drawn from the
-result files alone), sweep.py (the main job), cli.py (`ropelab`); ruler.py / ruler_run.py
+result files alone), sweep.py (the main job), loading.py (the one model loader: embedded,
+folder or hub id, dtype, device, device map), distributed.py (torchrun ranks and their share
+of a sweep), cli.py (`ropelab`; `python -m ropelab`); ruler.py / ruler_run.py
 (RULER-style tasks, `ruler`), uncertainty.py / evidence.py (intervals, paired ties, effective
-lengths), tune.py / tune_run.py (`ropelab tune`), suggest.py, formats.py.
+lengths), tune.py / tune_run.py (`ropelab tune`), suggest.py, formats.py, lab/ (`ropelab lab`).
 """
 
 from .data import Document, TokenizedDocument, iter_documents, select_documents
+from .loading import load_model
 from .losses import token_losses
 from .passkey import make_prompt, passkey
 from .perplexity import PROTOCOLS, perplexity
@@ -34,6 +37,7 @@ __all__ = [
     "SCHEMA",
     "TokenizedDocument",
     "iter_documents",
+    "load_model",
     "make_prompt",
     "passkey",
     "perplexity",

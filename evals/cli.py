@@ -9,6 +9,17 @@
     ropelab lm-eval --method ntk:scale=2 --tasks ropelab_passkey --limit 4
     ropelab ruler --methods rope,yarn:scale=2 --tasks niah-single --lengths 1k,2k --out runs/ruler
     ropelab tune --method beta-base --target-length 16k --out runs/tune
+    ropelab suggest --target-length 16k               rule-based starting settings, no weights loaded
+    ropelab export --method yarn:scale=4 --out DIR    the method as native rope parameters, for serving
+    ropelab lab train --position rope --out runs/lab/rope   train a small model (lab eval: test it long)
+
+Model-running commands take --model (a default, a folder or a hub id org/name) and the
+loading flags --revision --dtype --device --device-map --max-memory --attn-implementation
+--trust-remote-code (ropelab.evals.loading).
+
+Under torchrun (`torchrun --nproc-per-node N -m ropelab eval ...`) eval, passkey and
+sweep-default split their jobs over the ranks (distributed.py, runner.py), each rank writing
+its own shard of --out.
 
 Exit codes: 0 ok; 1 a runtime failure (including jobs recorded as failed); 2 bad input,
 including an --out that another ropelab process is writing (reported in one line, no
@@ -24,19 +35,24 @@ import json
 import os
 import sys
 import traceback
+from datetime import timedelta
 
 import ropelab
 from ropelab.spec import parse_int_with_suffix
 
 from .checks import check_depths, check_int
 from .data import check_source
-from .models import check_dtype, check_model_name
+from .distributed import Rank, check_same_parameters, default_shard, init_process_group, local_devices
+from .export_command import add_export_parser
+from .loading import add_loading_arguments, check_model_name, loading_options, parse_max_memory
 from .protocols import Protocol
 from .protocols import get as get_protocol
 from .protocols import names as protocol_names
 from .results import check_can_write
 from .ruler_run import add_parser as add_ruler
 from .tune_run import add_parser as add_tune
+from .suggest import add_parser as add_suggest
+from .lab.cli import add_parser as add_lab
 
 
 class BadInput(ValueError):
@@ -105,32 +121,54 @@ def checked(flag: str, check, *args):
         raise BadInput(f"{flag}: {exc}") from None
 
 
-def check_common(args, kind: str) -> None:
-    """What every model-running command checks before loading the model (nothing is created)."""
-    checked("--model", check_model_name, args.model)
-    checked("--dtype", check_dtype, args.dtype)
-    checked("--out", check_can_write, args.out, kind)
+def launch(args) -> Rank:
+    """Under torchrun: join the process group and refuse, on every rank, ranks given different
+    command lines (before anything is checked, loaded or run). A single process: rank 0 of 1."""
+    rank = checked("torchrun's environment", Rank.from_environment)
+    if rank.launched:
+        # Only Python objects and barriers travel between ranks, so gloo serves on GPUs too.
+        # A rank done with its share waits at the last barrier for the slowest: allow a day.
+        init_process_group(rank, "gloo", timedelta(days=1))
+        check_same_parameters({k: v for k, v in vars(args).items() if k != "func"})
+    return rank
 
 
-def _load(args):
-    from .models import load_model
+def check_common(args, kind: str, rank: Rank = Rank()) -> dict:
+    """What every model-running command checks before loading the model (nothing is created);
+    returns `load_model`'s keyword arguments from the loading flags, with this rank's device."""
+    try:
+        options = loading_options(args)  # its messages already name the flag
+    except ValueError as exc:
+        raise BadInput(str(exc)) from None
+    checked("--model", check_model_name, args.model, options["revision"], options["device_map"])
+    checked("--out", check_can_write, args.out, kind, default_shard(rank))
+    if rank.launched:
+        memory = parse_max_memory(options["max_memory"]) if options["max_memory"] else None
+        options.update(checked("--device", local_devices, rank, options["device"], options["device_map"], memory))
+    return options
+
+
+def _load(args, options: dict):
+    from .loading import load_model
 
     print(f"loading model {args.model!r} ...", file=sys.stderr)
-    return load_model(args.model, args.dtype)
+    return load_model(args.model, **options)
 
 
-def _finish(out, records) -> int:
+def _finish(out, records, rank: Rank = Rank()) -> int:
     from .plots import plot_run
     from .report import print_loss_table, write_report
     from .summary import skipped_lines
 
+    failed = [r for r in records if r.get("status") == "error"]
+    if rank.rank != 0:  # the records are the whole run's; rank 0 draws and reports them
+        return 1 if failed else 0
     for line in skipped_lines(out):
         print(f"skipped {line}", file=sys.stderr)
     plot_run(out)
     report = write_report(out)
     print_loss_table(out)
     print(f"results: {out}  report: {report}", file=sys.stderr)
-    failed = [r for r in records if r.get("status") == "error"]
     if failed:
         print(f"{len(failed)} of {len(records)} jobs failed (errors recorded in {out}); first: "
               f"{failed[0]['method']}: {failed[0]['error'][:200]}", file=sys.stderr)
@@ -179,6 +217,7 @@ def cmd_info(args) -> int:
 def cmd_eval(args) -> int:
     from .perplexity import perplexity
 
+    rank = launch(args)
     methods = parse_methods(args.methods or ["rope"])
     lengths = parse_lengths(args.lengths)
     window = parse_lengths(args.window, "--window")[0] if args.window else max(lengths)
@@ -187,37 +226,40 @@ def cmd_eval(args) -> int:
     data = checked("--data", check_source, args.data)
     protocol = checked("--protocol", Protocol, args.protocol, window, args.targets, args.stride, data, args.short)
     checked("--lengths", protocol.check_lengths, lengths)
-    check_common(args, "perplexity")
-    model, tokenizer, source = _load(args)
+    options = check_common(args, "perplexity", rank)
+    model, tokenizer, source = _load(args, options)
     records = perplexity(model, tokenizer, args.data, methods, lengths, protocol=protocol,
                          num_documents=args.documents, out=args.out, model_source=source, chunk=args.chunk,
-                         progress=not args.quiet)
-    return _finish(args.out, records)
+                         shard=default_shard(rank), progress=not args.quiet)
+    return _finish(args.out, records, rank)
 
 
 def cmd_sweep_default(args) -> int:
     from .sweep import run_default_sweep
 
+    rank = launch(args)
     lengths = parse_lengths(args.lengths)
     methods = parse_methods(args.methods) if args.methods else None
     checked("--lengths", Protocol("fixed-target", window=max(lengths), targets=args.targets).check_lengths, lengths)
-    check_common(args, "perplexity")
-    return _finish(args.out, run_default_sweep(args.out, model=args.model, lengths=lengths, methods=methods,
-                                               targets=args.targets, progress=not args.quiet, dtype=args.dtype))
+    options = check_common(args, "perplexity", rank)
+    records = run_default_sweep(args.out, model=args.model, lengths=lengths, methods=methods, targets=args.targets,
+                                progress=not args.quiet, shard=default_shard(rank), **options)
+    return _finish(args.out, records, rank)
 
 
 def cmd_passkey(args) -> int:
     from .passkey import passkey
 
+    rank = launch(args)
     methods = parse_methods(args.methods or ["rope"])
     lengths = parse_lengths(args.lengths)
     depths = checked("--depths", check_depths, parse_floats(args.depths, "--depths"))
     checked("--trials", check_int, "trials", args.trials)
-    check_common(args, "passkey")
-    model, tokenizer, source = _load(args)
+    options = check_common(args, "passkey", rank)
+    model, tokenizer, source = _load(args, options)
     records = passkey(model, tokenizer, methods, lengths, depths, args.trials, seed=args.seed, out=args.out,
-                      model_source=source, progress=not args.quiet)
-    return _finish(args.out, records)
+                      model_source=source, shard=default_shard(rank), progress=not args.quiet)
+    return _finish(args.out, records, rank)
 
 
 def cmd_plot(args) -> int:
@@ -242,6 +284,9 @@ def cmd_plot(args) -> int:
 def cmd_lm_eval(args) -> int:
     from .lmeval import PASSKEY_TASK, lm_eval_run, require_lm_eval, write_passkey_task
 
+    if checked("torchrun's environment", Rank.from_environment).launched:
+        raise BadInput("lm-eval: launched with several ranks (torchrun or accelerate launch), which the lm-eval "
+                       "bridge does not split yet; run it as one process")
     method = parse_methods([args.method])[0]
     tasks = [t for t in args.tasks.split(",") if t.strip()]
     if not tasks:
@@ -251,9 +296,9 @@ def cmd_lm_eval(args) -> int:
     passkey_lengths = parse_lengths(args.passkey_lengths, "--passkey-lengths")
     if args.include_path is not None and not os.path.isdir(args.include_path):
         raise BadInput(f"--include-path: include_path={args.include_path!r}: not a directory")
-    check_common(args, "lm-eval")
+    options = check_common(args, "lm-eval")
     require_lm_eval()
-    model, tokenizer, source = _load(args)
+    model, tokenizer, source = _load(args, options)
     include = args.include_path
     if PASSKEY_TASK in tasks and include is None:
         include = write_passkey_task(os.path.join(args.out, "tasks"), tokenizer, passkey_lengths)
@@ -273,9 +318,10 @@ def cmd_lm_eval(args) -> int:
     return 1 if failed else 0
 
 
-def _common(p, methods=True, out_default=None):
+def _common(p, methods=True, out_default=None, dtype_default="float32"):
     p.add_argument("--model", default="default",
-                   help="'default' (smollm2-135m), 'gemma3-270m', or a local save_pretrained folder")
+                   help="'default' (smollm2-135m), 'gemma3-270m', a local save_pretrained folder, or a hub id "
+                   "org/name (from the local cache; downloaded only where HF_HUB_OFFLINE is not set)")
     if methods:
         p.add_argument("--methods", action="append",
                        help="comma-separated specs name:key=value,... (repeatable; default rope; duplicates run "
@@ -283,8 +329,7 @@ def _common(p, methods=True, out_default=None):
     p.add_argument("--out", default=out_default, required=out_default is None,
                    help="run directory (resumable; one writer at a time, a second is refused)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="model precision (float32: exact; bfloat16: ~20%% faster on CPU; part of the model identity)")
+    add_loading_arguments(p, dtype_default)
 
 
 def _add(subparsers, name, func, help_text):
@@ -321,10 +366,9 @@ def add_eval(subparsers):
 def add_sweep_default(subparsers):
     p = _add(subparsers, "sweep-default", cmd_sweep_default,
              "the main job: SmolLM2-135M (bf16) on stdlib, 7 methods at 2x training length, plot and table (~14 min)")
-    _common(p, out_default="runs/default")
-    p.add_argument("--lengths", default="4k,16k", help="context lengths (budget: see ropelab.evals.sweep)")
     # bf16 keeps the main job inside 15 minutes on 2 cores (13.6 min measured; float32 16.9 min)
-    p.set_defaults(dtype="bfloat16")
+    _common(p, out_default="runs/default", dtype_default="bfloat16")
+    p.add_argument("--lengths", default="4k,16k", help="context lengths (budget: see ropelab.evals.sweep)")
     p.add_argument("--targets", type=int, default=2048, help="K: the fixed scored tokens")
 
 
@@ -355,8 +399,8 @@ def add_lm_eval(subparsers):
 
 
 # Each entry adds one subcommand: `add(subparsers)`. A new eval kind appends its own here.
-SUBCOMMANDS = [add_methods, add_info, add_eval, add_sweep_default, add_passkey, add_plot, add_lm_eval,
-               add_ruler, add_tune]
+SUBCOMMANDS = [add_methods, add_info, add_eval, add_sweep_default, add_passkey, add_plot, add_lm_eval, add_suggest,
+               add_export_parser, add_ruler, add_tune, add_lab]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -387,6 +431,15 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"ropelab {args.command}: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -18,6 +18,11 @@ and stops the ranks; this file only says which jobs and which devices are a rank
   weights only on devices named in `max_memory`, which is how the split is enforced.
 - `check_same_parameters(params)`: every rank checks that all ranks run the same sweep
   before any job runs, and all of them refuse if not.
+- `share(pending, lengths, rank, agreement)`: what the job runner (`runner.py`) runs on this
+  rank: the check above over the parameters and the pending jobs, then its part of the split.
+  It splits only a store opened as a shard (`default_shard()`, which the CLI passes): a
+  process group alone (tensor parallelism) splits nothing. Readers merge the shards
+  (`results.py`).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 
@@ -188,11 +194,60 @@ def check_same_parameters(params: Mapping) -> None:
                      f"differing fields: {', '.join(map(str, differ))}")
 
 
-def init_process_group(rank: Rank, backend: str | None = None) -> bool:
-    """Join torchrun's process group (env:// rendezvous) when launched; True if joined now."""
+def init_process_group(rank: Rank, backend: str | None = None, timeout: timedelta | None = None) -> bool:
+    """Join torchrun's process group (env:// rendezvous) when launched; True if joined now.
+
+    `timeout` bounds every collective, the last barrier included, where a rank that finished
+    its share waits for the slowest: give it the length of the longest share (ropelab's CLI
+    gives a day). A rank that dies is caught sooner: torchrun then stops the others.
+    """
     import torch.distributed as dist
 
     if not rank.launched or dist.is_initialized():
         return False
-    dist.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"))
+    kwargs = {} if timeout is None else {"timeout": timeout}
+    dist.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"), **kwargs)
     return True
+
+
+# -- the running sweep --------------------------------------------------------------------------
+
+
+def current_rank() -> Rank:
+    """This process's place in the initialised process group (rank 0 of 1 without one)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return Rank()
+    local = Rank.from_environment()
+    return Rank(dist.get_rank(), dist.get_world_size(), local.local_rank, max(local.local_world_size, 1))
+
+
+def default_shard(rank: Rank | None = None) -> str | None:
+    """The shard a rank of a sharded run writes ('rank3'), or None for a single process."""
+    rank = current_rank() if rank is None else rank
+    return f"rank{rank.rank}" if rank.launched else None
+
+
+def share(pending: Sequence, lengths: Sequence[int], rank: Rank, agreement: Mapping) -> list:
+    """This rank's part of `pending` (jobs not yet done, in the same order on every rank).
+
+    First every rank checks, with all the others, that they agree on `agreement` (the run's
+    parameters) and on the pending list itself: each rank read what is done before any rank
+    runs a job (the check is the synchronisation point), so the lists match unless the ranks
+    were given different work, which is refused on every rank. Then the split: `assign` over
+    `job_cost(length)`, longest first.
+    """
+    if not rank.launched:
+        return list(pending)
+    digest = hashlib.sha256(json.dumps([str(job) for job in pending]).encode()).hexdigest()
+    check_same_parameters({**agreement, "pending jobs": digest})
+    return my_jobs(list(pending), [job_cost(max(1, int(n))) for n in lengths], rank)
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op in a single process): the results are then complete on disk."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()

@@ -1,8 +1,11 @@
 """A model's identity in the results: it names the weights, never just a folder's basename.
 
-Sources (a loader says where the weights came from; see `models.load_model`):
+Sources (a loader says where the weights came from: `loading.load_model` returns a
+`ModelSource`, which `model_identity` takes as it is; or one of these dicts):
 - `{"kind": "embedded", "name": "smollm2-135m"}`: one of ropelab's embedded defaults;
-- `{"kind": "hub", "id": "org/name", "revision": ..., "commit": ...}`: a hub snapshot;
+- `{"kind": "hub", "id": "org/name", "revision": ..., "commit": ...}`: a hub snapshot, named
+  by its id and commit (the revision is kept only when no commit is known: a branch, a tag
+  and a commit hash that resolve to one snapshot are one model);
 - `{"kind": "local", "path": folder}`: a save_pretrained folder, identified by its resolved
   path plus `fingerprint(folder)`;
 - `{"kind": "named", "name": ...}`: a model object handed to the Python API, named by the
@@ -30,6 +33,8 @@ import hashlib
 import json
 import struct
 from pathlib import Path
+
+from .loading import ModelSource
 
 SOURCE_KINDS = ("embedded", "hub", "local", "named")
 _SMALL_FILES = ("config.json", "generation_config.json", "special_tokens_map.json", "merges.txt")
@@ -103,10 +108,22 @@ def _dtype(model) -> str | None:
     return str(dtype).removeprefix("torch.") if dtype is not None else None
 
 
-def model_identity(model, source: dict | str) -> dict:
-    """The identity dict of `model` loaded from `source` (a source dict, or a caller's name for 'named')."""
+def source_dict(source: ModelSource) -> dict:
+    """A loader's ModelSource as a source dict (its placement dropped: it changes no number)."""
+    if source.kind == "default":
+        return {"kind": "embedded", "name": source.name}
+    if source.kind == "hub":
+        return {"kind": "hub", "id": source.name, "revision": source.revision, "commit": source.commit}
+    return {"kind": "local", "path": source.path}
+
+
+def model_identity(model, source: ModelSource | dict | str) -> dict:
+    """The identity dict of `model` loaded from `source` (a ModelSource, a source dict, or a
+    caller's name for 'named'). The dtype and attention implementation are read from the model."""
     if isinstance(source, str):
         source = {"kind": "named", "name": source}
+    elif isinstance(source, ModelSource):
+        source = source_dict(source)
     if not isinstance(source, dict) or source.get("kind") not in SOURCE_KINDS:
         raise ValueError(f"model_source={source!r}: must be a dict with kind one of {', '.join(SOURCE_KINDS)}")
     kind = source["kind"]
@@ -117,7 +134,8 @@ def model_identity(model, source: dict | str) -> dict:
     elif kind == "hub":
         if not source.get("id"):
             raise ValueError(f"model_source={source!r}: a hub source needs its id")
-        identity.update(id=source["id"], revision=source.get("revision"), commit=source.get("commit"))
+        pin = {"commit": source["commit"]} if source.get("commit") else {"revision": source.get("revision")}
+        identity.update(id=source["id"], **pin)
     else:
         if not source.get("name") or not isinstance(source["name"], str):
             raise ValueError(f"model_source={source!r}: needs a non-empty name")

@@ -107,11 +107,13 @@ def run_lm_eval(model, tokenizer, tasks, *, method=None, include_path=None, limi
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
+    from ropelab.patches.handle import probe_device
+
     tasks = [tasks] if isinstance(tasks, str) else list(tasks)
     defaults = not set(tasks) <= _local_tasks(include_path)
     manager = TaskManager(include_path=str(include_path) if include_path else None, include_defaults=defaults)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, max_length=max_length, batch_size=batch_size,
-              device=str(model.device))
+              device=str(probe_device(model)))
     with contextlib.ExitStack() as stack:
         if method is not None:
             stack.enter_context((apply_method or default_apply_method)(model, ropelab.parse_method(method)))

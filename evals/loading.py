@@ -2,7 +2,7 @@
 hub id (`org/name` at a revision), in a chosen dtype, on a device or spread by a device map.
 
     >>> model, tokenizer, source = load_model("HuggingFaceTB/SmolLM2-135M", dtype="bfloat16", device="cuda")
-    >>> source.commit, source.identity()
+    >>> source.commit, identity.model_identity(model, source)
 
 Hub ids resolve as transformers resolves them (huggingface_hub's cache layout,
 `models--org--name/{refs,snapshots}`): the local cache first (`HF_HUB_CACHE`, read at call
@@ -14,7 +14,8 @@ folder with `local_files_only=True`, so `source.commit` is exactly what was load
 Placement: `device` (cpu, cuda, cuda:N, mps) moves the whole model; `device_map` (auto,
 balanced, sequential, with `max_memory`) lets accelerate split it over the GPUs, the CPU and
 disk (a temporary offload folder is made when layers go to disk). Placement never changes
-the numbers, so it is not part of `source.identity()`; dtype and attention implementation do.
+the numbers, so it is not part of the model identity the results record (`identity.py`,
+built from `source`); dtype and attention implementation are.
 Remote code runs only with `trust_remote_code=True`.
 
 Every argument is checked before anything is loaded or fetched; a bad one raises ValueError
@@ -61,12 +62,6 @@ class ModelSource:
     attn_implementation: str | None  # the one the loaded model uses (before any patch)
     placement: str  # "cpu", "cuda:0", "device_map=auto" ...: never part of the identity
     trust_remote_code: bool = False
-
-    def identity(self) -> dict:
-        """The fields that change numbers: model, commit, dtype, attention implementation."""
-        model = self.path if self.kind == "local" else self.name
-        return {"model": model, "commit": self.commit, "dtype": self.dtype,
-                "attn_implementation": self.attn_implementation}
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -245,23 +240,39 @@ def resolve_hub(repo_id: str, revision: str | None, trust_remote_code: bool) -> 
 # -- loading ---------------------------------------------------------------------------------
 
 
-def load_model(name: str, *, revision: str | None = None, dtype: str = "float32", device: str | None = None,
+def check_model_name(name, revision: str | None = None, device_map: str | None = None) -> str:
+    """The kind of `name` ("default", "local" or "hub") without loading or fetching anything;
+    ValueError naming the field when it can be none of them or the options do not fit it."""
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"model={name!r}: give an embedded default ({', '.join(DEFAULT_NAMES)}), a folder or a hub id org/name")
+    if name == "default" or name in DEFAULT_NAMES:
+        name = DEFAULT_NAMES[0] if name == "default" else name
+        if revision is not None:
+            raise ValueError(f"revision={revision!r}: the embedded default {name!r} has no revisions")
+        if device_map is not None:
+            raise ValueError(f"device_map={device_map!r}: the embedded default {name!r} loads whole; use device instead")
+        return "default"
+    if os.path.isdir(name):
+        if revision is not None:
+            raise ValueError(f"revision={revision!r}: {name!r} is a local folder, which has no revisions")
+        return "local"
+    if is_hub_id(name):
+        return "hub"
+    raise ValueError(f"model={name!r}: not an embedded default ({', '.join(DEFAULT_NAMES)}), an existing "
+                     "folder, or a hub id of the form org/name")
+
+
+def load_model(name: str, dtype: str = "float32", *, revision: str | None = None, device: str | None = None,
                device_map: str | None = None, max_memory=None, attn_implementation: str | None = None,
                trust_remote_code: bool = False):
     """(model, tokenizer, ModelSource) in eval mode. See the module docstring."""
     parsed_memory = check_options(dtype=dtype, device=device, device_map=device_map, max_memory=max_memory,
                                   attn_implementation=attn_implementation, trust_remote_code=trust_remote_code,
                                   revision=revision)
-    if not isinstance(name, str) or not name.strip():
-        raise ValueError(f"model={name!r}: give an embedded default ({', '.join(DEFAULT_NAMES)}), a folder or a hub id org/name")
-    if name == "default":
-        name = DEFAULT_NAMES[0]
+    kind = check_model_name(name, revision, device_map)
     placement = f"device_map={device_map}" if device_map else (device or "cpu")
-    if name in DEFAULT_NAMES:
-        if revision is not None:
-            raise ValueError(f"revision={revision!r}: the embedded default {name!r} has no revisions")
-        if device_map is not None:
-            raise ValueError(f"device_map={device_map!r}: the embedded default {name!r} loads whole; use device instead")
+    if kind == "default":
+        name = DEFAULT_NAMES[0] if name == "default" else name
         from ropelab.patches import load_default_model
 
         model, tokenizer = load_default_model(name, dtype=DTYPES[dtype])
@@ -271,16 +282,11 @@ def load_model(name: str, *, revision: str | None = None, dtype: str = "float32"
             model.to(device)
         return model.eval(), tokenizer, ModelSource("default", name, None, None, None, dtype,
                                                     model.config._attn_implementation, placement)
-    if os.path.isdir(name):
-        if revision is not None:
-            raise ValueError(f"revision={revision!r}: {name!r} is a local folder, which has no revisions")
-        kind, folder, commit = "local", Path(name).resolve(), None
-    elif is_hub_id(name):
-        kind, folder = "hub", resolve_hub(name, revision, trust_remote_code)
-        commit, revision = folder.name, revision or "main"
+    if kind == "local":
+        folder, commit = Path(name).resolve(), None
     else:
-        raise ValueError(f"model={name!r}: not an embedded default ({', '.join(DEFAULT_NAMES)}), an existing "
-                         "folder, or a hub id of the form org/name")
+        folder = resolve_hub(name, revision, trust_remote_code)
+        commit, revision = folder.name, revision or "main"
     model, tokenizer = _from_folder(folder, dtype, device, device_map, parsed_memory, attn_implementation, trust_remote_code)
     source = ModelSource(kind, name, str(folder), revision if kind == "hub" else None, commit, dtype,
                          model.config._attn_implementation, placement, trust_remote_code)
@@ -315,11 +321,12 @@ def _from_folder(folder: Path, dtype, device, device_map, max_memory, attn_imple
 # -- command-line flags -------------------------------------------------------------------------
 
 
-def add_loading_arguments(parser: argparse.ArgumentParser) -> None:
+def add_loading_arguments(parser: argparse.ArgumentParser, dtype_default: str = "float32") -> None:
     """Add --revision --dtype --device --device-map --max-memory --attn-implementation --trust-remote-code."""
     group = parser.add_argument_group("model loading")
     group.add_argument("--revision", help="hub branch, tag or commit (hub ids only; default main)")
-    group.add_argument("--dtype", default="float32", help=f"{'|'.join(DTYPES)} (default float32)")
+    group.add_argument("--dtype", default=dtype_default,
+                       help=f"{'|'.join(DTYPES)} (default {dtype_default}; part of the model identity)")
     group.add_argument("--device", help="cpu|cuda|cuda:N|mps (default cpu); not with --device-map")
     group.add_argument("--device-map", help=f"{'|'.join(DEVICE_MAPS)}: let accelerate split the model over GPUs, CPU and disk")
     group.add_argument("--max-memory", help=f"with --device-map: {MAX_MEMORY_RULE}")

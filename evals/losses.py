@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ropelab.patches.handle import probe_device  # inputs go where an accelerate-dispatched model computes
+
 
 def _head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     """The model's logits for final hidden states `hidden` (..., H), in float32."""
@@ -25,7 +27,7 @@ def _head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
 def hidden_states(model, input_ids: torch.Tensor) -> torch.Tensor:
     """Final hidden states (N, H) of a 1-D token tensor, from the base model."""
     decoder = model.get_decoder()
-    out = decoder(input_ids=input_ids[None].to(model.device), use_cache=False, return_dict=True)
+    out = decoder(input_ids=input_ids[None].to(probe_device(model)), use_cache=False, return_dict=True)
     return out.last_hidden_state[0]  # (N, H)
 
 
@@ -57,7 +59,7 @@ def check_head(model, vocab_size: int | None = None, length: int = 16, atol: flo
     """Raise RuntimeError if `token_losses` disagrees with the model's own forward on a short input."""
     vocab = vocab_size or model.get_output_embeddings().weight.shape[0]
     ids = torch.arange(length) * 7 % vocab  # deterministic, no RNG state touched
-    logits = model(input_ids=ids[None].to(model.device), use_cache=False).logits[0, :-1].float()
+    logits = model(input_ids=ids[None].to(probe_device(model)), use_cache=False).logits[0, :-1].float()
     direct = F.cross_entropy(logits, ids[1:].to(logits.device), reduction="none").cpu()
     mine = token_losses(model, ids)
     err = (direct - mine).abs().max().item()

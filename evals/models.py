@@ -1,4 +1,5 @@
-"""Models for the harness: loading by name or path, the training length, applying a method.
+"""Models for the harness: the training length, applying a method, the environment.
+Loading by name, folder or hub id is `loading.load_model` (the one loader; importable here too).
 
 Methods reach a model only through `ropelab.patches` (docs/design.md, "Layers"). The harness
 takes that step as a parameter, `apply_method(model, method) -> context manager`, so it can
@@ -16,58 +17,7 @@ import torch
 
 import ropelab
 
-DEFAULT_MODELS = ("smollm2-135m", "gemma3-270m")
-
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def check_model_name(name) -> str:
-    """`name` if it can be loaded (a default's name or an existing folder), else ValueError naming `model`."""
-    if not isinstance(name, str) or not (name == "default" or name in DEFAULT_MODELS or os.path.isdir(name)):
-        raise ValueError(
-            f"model={name!r}: not 'default', one of {', '.join(DEFAULT_MODELS)}, or a local folder "
-            "written by save_pretrained (no model hub is reached)"
-        )
-    return name
-
-
-def check_dtype(dtype) -> str:
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r}: must be one of {', '.join(DTYPES)}")
-    return dtype
-
-
-def load_model(name: str, dtype: str = "float32"):
-    """(model, tokenizer, source) for `default`, an embedded default's name, or a local folder.
-
-    `source` says where the weights came from (`{"kind": "embedded", "name": ...}` or
-    `{"kind": "local", "path": ...}`); `identity.model_identity(model, source)` turns it into
-    the identity recorded with the results (with the dtype, so bf16 and fp32 never mix).
-    `dtype` is 'float32' (exact; the default) or 'bfloat16' (about 20% faster on this
-    machine's CPU, losses within ~0.003 nats of float32 on SmolLM2 at 16k).
-    """
-    check_dtype(dtype)
-    check_model_name(name)
-    if name == "default":
-        name = DEFAULT_MODELS[0]
-    if name in DEFAULT_MODELS:
-        try:
-            from ropelab.patches import load_default_model
-        except ImportError:
-            raise RuntimeError(
-                f"model={name!r}: ropelab.patches.load_default_model is not available in this install"
-            ) from None
-        model, tokenizer = load_default_model(name, dtype=DTYPES[dtype])
-        source = {"kind": "embedded", "name": name}
-    else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=DTYPES[dtype])
-        tokenizer = AutoTokenizer.from_pretrained(name)
-        source = {"kind": "local", "path": os.path.realpath(name)}
-    model.eval()
-    return model, tokenizer, source
+from .loading import load_model  # noqa: F401  (the one loader, kept importable from here)
 
 
 def train_length(model) -> int:

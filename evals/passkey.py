@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ropelab.patches.handle import probe_device
+
 from .identity import display_name, identity_key, model_identity
 from .models import default_apply_method, environment
 from .checks import check_depths, check_int, check_lengths
@@ -75,7 +77,7 @@ def score(answer: str, key: str) -> tuple[str | None, bool]:
 
 @torch.inference_mode()
 def answer(model, tokenizer, prompt: str, max_new_tokens: int = 8) -> str:
-    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=True)["input_ids"].to(model.device)
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=True)["input_ids"].to(probe_device(model))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                          do_sample=False, pad_token_id=pad)

@@ -62,7 +62,9 @@ def perplexity(
       out: a run directory (results in `out/results.jsonl`, appended, resumable, locked) or
       None (memory only). model_source: where the weights came from (see identity.py; default
       `{"kind": "named", "name": model_id}`). apply_method: `(model, method) -> context
-      manager`, default `ropelab.patches.patched`.
+      manager`, default `ropelab.patches.patched`. shard: under torchrun,
+      `distributed.default_shard()`: this rank then runs only its share of the jobs, into
+      its own shard of `out` (runner.py).
     Everything is checked before anything is written: a rejected call leaves `out` as it was.
     """
     lengths = check_lengths(lengths)

@@ -11,8 +11,16 @@ fsynced on its own, so `kill -9` loses at most the line being written.
 Locks (fcntl advisory, so they vanish with the process that held them): a writer takes a
 *shared* lock on `RUN/.ropelab.lock` (the ranks of one sharded run share it; an operation on
 the whole run would take it exclusively) and an *exclusive* lock on its own file's
-`.KIND[.shard-NAME].jsonl.lock`. A second independent writer of the same file is refused at
-once with a `RunLocked` error naming the run directory; it does not wait.
+`.KIND[.shard-NAME].jsonl.lock`. A shard writer also takes a *shared* lock on the kind's main
+lock `.KIND.jsonl.lock`, which an unsharded writer holds exclusively: the ranks of a sharded
+run write together, but never beside an unsharded run of the same kind (which would run the
+same jobs). A second independent writer of the same file is refused at once with a
+`RunLocked` error naming the run directory; it does not wait.
+
+Shards: what is done, and what a reader sees, is merged over the main file and every shard
+(`read_run`, `ResultStore.done`, `ResultStore.merged`), so a run resumed with another number
+of ranks, or with none, neither repeats nor loses a job. Per key the last successful record
+wins over failures, whichever file holds it (a job is run again only while it has no success).
 
 Readers (`read_run`) never modify a file: they parse up to the last newline and leave a torn
 tail alone. Only the writer holding the file's lock cuts a torn tail, when it opens the file.
@@ -70,16 +78,26 @@ def check_out(out) -> Path:
     return path
 
 
+def _locks(kind: str, shard: str | None) -> list[tuple[str, int]]:
+    """(lock file name, flock mode) a writer of `kind` (and `shard`) takes, in order (module docstring)."""
+    main = f".{file_name(kind)}.lock"
+    if shard is None:
+        return [(RUN_LOCK, fcntl.LOCK_SH), (main, fcntl.LOCK_EX)]
+    return [(RUN_LOCK, fcntl.LOCK_SH), (main, fcntl.LOCK_SH), (f".{file_name(kind, shard)}.lock", fcntl.LOCK_EX)]
+
+
 def check_can_write(out, kind: str, shard: str | None = None) -> None:
     """Refuse early (before a model loads) what opening a writer would refuse: an unusable `out`,
     a file another process is writing, a file of another schema. Creates and changes nothing."""
     run = check_out(out)
     name = file_name(kind, shard)
-    lock = run / f".{name}.lock"
-    if lock.exists():
+    for lock_name, mode in _locks(kind, shard):
+        lock = run / lock_name
+        if not lock.exists():
+            continue
         fd = os.open(lock, os.O_RDONLY)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released by the close below
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)  # released by the close below
         except BlockingIOError:
             raise RunLocked(
                 f"out={str(out)!r}: another ropelab process is writing this run ({lock.name} is locked); "
@@ -147,10 +165,13 @@ def schema_of(header: dict | None) -> int:
 
 
 def latest(records: list[dict]) -> list[dict]:
-    """The last record per key, in first-seen order (a failed job retried later: the retry wins)."""
+    """The last successful record per key, else its last record, in first-seen order (a failed
+    job retried later: the retry wins; across shard files, whose order says nothing, a success
+    wins over a failure)."""
     last: dict[str, dict] = {}
     for r in records:
-        last[r["key"]] = r
+        if r.get("status") == "ok" or last.get(r["key"], {}).get("status") != "ok":
+            last[r["key"]] = r
     return list(last.values())
 
 
@@ -163,11 +184,15 @@ class RunContents:
     skipped: list[tuple[str, int, str]]  # (file name, line number, why)
 
 
+def run_files(run_dir, kind: str) -> list[Path]:
+    """The result files of `kind` in `run_dir`: the main file, then the shards by name."""
+    run_dir, base = Path(run_dir), KINDS[kind]
+    return sorted(run_dir.glob(f"{base}.jsonl")) + sorted(run_dir.glob(f"{base}.shard-*.jsonl"))
+
+
 def read_run(run_dir, kind: str = "perplexity") -> RunContents:
     """Read every file of `kind` in `run_dir` (main file and shards); never modifies anything."""
-    run_dir = Path(run_dir)
-    base = KINDS[kind]
-    paths = sorted(run_dir.glob(f"{base}.jsonl")) + sorted(run_dir.glob(f"{base}.shard-*.jsonl"))
+    paths = run_files(run_dir, kind)
     header, records, skipped = None, [], []
     for path in paths:
         contents = read_file(path)
@@ -218,6 +243,7 @@ class ResultStore:
     def __init__(self, out, kind: str = "perplexity", shard: str | None = None):
         self.out = out
         self.kind = kind
+        self.shard = shard
         self.name = file_name(kind, shard)
         self.header: dict | None = None
         self.records: list[dict] = []
@@ -243,7 +269,7 @@ class ResultStore:
                 raise ValueError(f"out={str(self.out)!r}: cannot create the run directory ({exc})") from None
             self._created += missing  # deepest first after the reverse below
             self._created.reverse()
-            for lock_name, mode in ((RUN_LOCK, fcntl.LOCK_SH), (f".{self.name}.lock", fcntl.LOCK_EX)):
+            for lock_name, mode in _locks(self.kind, self.shard):
                 fd, created = _lock(run / lock_name, mode, self.out)
                 self._fds.append(fd)
                 if created:
@@ -300,12 +326,23 @@ class ResultStore:
             self._write(header)
             self.header = header
 
+    def _others(self) -> list[dict]:
+        """The records of the run's other files of this kind (the main file and the shards), read now."""
+        if self.out is None:
+            return []
+        return [r for path in run_files(self.out, self.kind) if path != self.path for r in read_file(path).records]
+
     def done(self) -> set[str]:
-        """Keys whose last record succeeded."""
-        return {r["key"] for r in latest(self.records) if r.get("status") == "ok"}
+        """Keys with a successful record in any file of this kind in the run (this one and every shard)."""
+        return {r["key"] for r in latest(self._others() + self.records) if r.get("status") == "ok"}
 
     def latest(self) -> list[dict]:
+        """The latest record per key of this file alone."""
         return latest(self.records)
+
+    def merged(self) -> list[dict]:
+        """The latest record per key over every file of this kind in the run, read now."""
+        return latest(self._others() + self.records)
 
     def append(self, record: dict) -> None:
         if self.header is None:

@@ -7,6 +7,14 @@ runs that method's pending jobs, and appends one record per job: `status: ok` wi
 result, or `status: error` with the message. A method that does not parse or that the patch
 refuses fails all its jobs and the run goes on; a failed job is retried on the next run.
 Methods reach a model only through `ropelab.patches` (docs/design.md, "Layers").
+
+A store opened as a shard (`ResultStore(out, kind, shard="rank3")`; the CLI passes
+`distributed.default_shard()`) in an initialised torch.distributed process group (`torchrun`;
+`distributed.py`) makes a sharded run: every rank lists the same jobs, skips those done in
+any shard of the run, takes its cost-balanced share of the rest, runs it into its own shard
+file, and waits at a barrier for the others; each then returns the merged records of the
+whole run. Without a shard name a process group changes nothing (tensor-parallel ranks, for
+one, must all run every job together).
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from tqdm.auto import tqdm
 import ropelab
 
 from .checks import as_list
+from .distributed import Rank, barrier, current_rank, share
 from .results import ResultStore, job_key
 
 
@@ -79,7 +88,8 @@ def run_jobs(model, store: ResultStore, methods: list[MethodEntry], make_jobs: C
 
     `make_jobs(entry)` lists a method's jobs; `execute(method, job)` returns the result fields
     of one job on the patched model (or raises: recorded as an error). `base` is copied into
-    every record (type, model, params).
+    every record (type, model, params). In a sharded run (module docstring) this rank runs
+    only its share, and the records returned are the whole run's.
     """
     done = store.done()
     plan = []
@@ -87,7 +97,11 @@ def run_jobs(model, store: ResultStore, methods: list[MethodEntry], make_jobs: C
         jobs = [(job, job_key(model_key, entry.spec, params, job.fields)) for job in make_jobs(entry)]
         plan.append((entry, jobs))
     wanted = {key for _, jobs in plan for _, key in jobs}
-    bar = tqdm(total=sum(key not in done for _, jobs in plan for _, key in jobs), desc=desc, unit="job",
+    pending = [(key, job.fields.get("length") or 1) for _, jobs in plan for job, key in jobs if key not in done]
+    rank = current_rank() if store.shard is not None else Rank()
+    mine = set(share([k for k, _ in pending], [n for _, n in pending], rank,
+                     {"model_key": model_key, "params": params, "methods": [e.spec for e in methods]}))
+    bar = tqdm(total=len(mine), desc=desc if not rank.launched else f"{desc} rank {rank.rank}", unit="job",
                disable=not progress)
 
     def record(entry, job, key, result: dict) -> None:
@@ -96,7 +110,7 @@ def run_jobs(model, store: ResultStore, methods: list[MethodEntry], make_jobs: C
         bar.update()
 
     for entry, jobs in plan:
-        pending = [(job, key) for job, key in jobs if key not in done]
+        pending = [(job, key) for job, key in jobs if key in mine]
         if not pending:
             continue
         with contextlib.ExitStack() as stack:
@@ -119,4 +133,6 @@ def run_jobs(model, store: ResultStore, methods: list[MethodEntry], make_jobs: C
                     result = {**_error(exc), "traceback": traceback.format_exc(limit=4)}
                 record(entry, job, key, result)
     bar.close()
-    return [r for r in store.latest() if r["key"] in wanted]
+    if rank.launched:
+        barrier()  # every rank's share is on disk before anyone reads the run
+    return [r for r in store.merged() if r["key"] in wanted]  # with what earlier runs left in other shards

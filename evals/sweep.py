@@ -56,18 +56,23 @@ def default_methods(train_length: int, max_length: int) -> list[str]:
 
 
 def run_default_sweep(out: str = "runs/default", *, model: str = "default", lengths=(4096, 16384), methods=None,
-                      targets: int = 2048, progress: bool = True, dtype: str = "bfloat16") -> list[dict]:
-    """Run (or resume) the main job into `out`; returns the records (plots/report: cli `_finish`)."""
-    from .models import load_model, train_length
+                      targets: int = 2048, progress: bool = True, dtype: str = "bfloat16", shard: str | None = None,
+                      **loading) -> list[dict]:
+    """Run (or resume) the main job into `out`; returns the records (plots/report: cli `_finish`).
+
+    `shard`: this rank's shard of the result store in a sharded run (`distributed.default_shard`).
+    `loading`: further keywords of `loading.load_model` (revision, device, device_map, ...)."""
+    from .loading import load_model
+    from .models import train_length
 
     lengths = sorted(lengths)
     protocol = Protocol("fixed-target", window=lengths[-1], targets=targets, data="stdlib", short="skip")
     protocol.check_lengths(lengths)
     print(f"loading model {model!r} ...", file=sys.stderr)
-    net, tokenizer, source = load_model(model, dtype)
+    net, tokenizer, source = load_model(model, dtype, **loading)
     methods = methods or default_methods(train_length(net), lengths[-1])
     print(f"methods: {', '.join(methods)}\nlengths: {lengths}, K={targets}; estimated "
           f"{budget_seconds(lengths, len(methods)) / 60:.0f} min on 2 CPU cores (SDPA timings; "
           "relative methods may take longer)", file=sys.stderr)
     return perplexity(net, tokenizer, "stdlib", methods, lengths, protocol=protocol, out=out, model_source=source,
-                      progress=progress)
+                      shard=shard, progress=progress)

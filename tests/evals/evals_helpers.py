@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import torch
 
+COMMIT = "0123456789abcdef0123456789abcdef01234567"  # the commits of the `hub` fixture (conftest.py)
+OTHER = "fedcba9876543210fedcba9876543210fedcba98"
+
 TEXT = (
     "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
     "def main():\n    return 0\n\nclass A:\n    pass\n0123456789 The pass key is 12345. Remember it. "

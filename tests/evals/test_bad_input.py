@@ -48,12 +48,12 @@ def out(request, tmp_path, existing_run):
 @pytest.fixture
 def no_load(monkeypatch):
     """Loading the model fails the test: these inputs must be refused before it."""
-    import ropelab.evals.models as models
+    import ropelab.evals.loading as loading
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded for input that needs no model")
 
-    monkeypatch.setattr(models, "load_model", refuse)
+    monkeypatch.setattr(loading, "load_model", refuse)
 
 
 def run_cli(argv, capsys):

@@ -75,6 +75,11 @@ def test_python_m_and_help():
     assert result.returncode == 0 and "sweep-default" in result.stdout and "Exit codes" in result.stdout
     result = subprocess.run([sys.executable, "-m", "ropelab.evals", "methods"], capture_output=True, text=True)
     assert result.returncode == 0 and "leaky-rerope" in result.stdout
+    result = subprocess.run([sys.executable, "-m", "ropelab", "suggest", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "--target-length" in result.stdout  # the package's own entry point
+    result = subprocess.run([sys.executable, "-m", "ropelab", "eval", "--lengths", "4q", "--out", "x"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "--lengths '4q'" in result.stderr  # its exit code passes through
 
 
 def test_stray_lines_are_skipped_and_reported_by_eval_and_plot(model_dir, text_dir, tmp_path, capsys):

@@ -5,32 +5,16 @@ huggingface_hub's layout (models--org--name/{refs/main, snapshots/<commit>/}).""
 from __future__ import annotations
 
 import argparse
-import shutil
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from ropelab.evals import loading
+from ropelab.evals.identity import model_identity
 from ropelab.evals.loading import load_model, loading_options, parse_max_memory
 
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
-OTHER = "fedcba9876543210fedcba9876543210fedcba98"
-
-
-@pytest.fixture
-def hub(tmp_path, monkeypatch, model_dir):
-    """A hub cache holding org/tiny at main = COMMIT and tag v1 = OTHER; offline."""
-    cache = tmp_path / "hub"
-    repo = cache / "models--org--tiny"
-    for commit in (COMMIT, OTHER):
-        shutil.copytree(model_dir, repo / "snapshots" / commit)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(COMMIT)
-    (repo / "refs" / "v1").write_text(OTHER)
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return cache
+from evals_helpers import COMMIT, OTHER  # the commits of the `hub` fixture (conftest.py)
 
 
 def logits(model, n=12):
@@ -42,8 +26,8 @@ def test_hub_id_resolves_from_cache_with_its_commit(hub, model):
     loaded, tokenizer, source = load_model("org/tiny")
     assert (source.kind, source.revision, source.commit) == ("hub", "main", COMMIT)
     assert source.path == str(hub / "models--org--tiny" / "snapshots" / COMMIT)
-    assert source.identity() == {"model": "org/tiny", "commit": COMMIT, "dtype": "float32",
-                                 "attn_implementation": loaded.config._attn_implementation}
+    assert model_identity(loaded, source) == {"kind": "hub", "id": "org/tiny", "commit": COMMIT, "dtype": "float32",
+                                              "attention": loaded.config._attn_implementation}
     assert torch.equal(logits(loaded), logits(model))  # the same weights, bit for bit
     assert len(tokenizer) > 0
 
@@ -105,19 +89,21 @@ def test_local_folder_records_its_resolved_path(model_dir, model):
 def test_dtype_is_loaded_and_part_of_the_identity(model_dir, dtype, torch_dtype):
     loaded, _, source = load_model(str(model_dir), dtype=dtype)
     assert loaded.model.layers[0].mlp.up_proj.weight.dtype == torch_dtype
-    assert source.identity()["dtype"] == dtype and source.placement == "cpu"
+    assert model_identity(loaded, source)["dtype"] == dtype and source.placement == "cpu"
 
 
 def test_attn_implementation_is_recorded(model_dir):
     loaded, _, source = load_model(str(model_dir), attn_implementation="eager")
-    assert loaded.config._attn_implementation == "eager" == source.identity()["attn_implementation"]
+    assert loaded.config._attn_implementation == "eager" == model_identity(loaded, source)["attention"]
 
 
 def test_device_map_with_disk_offload_gives_the_same_logits(model_dir, model):
     # 20 kB of CPU for a ~100 kB model: accelerate sends the rest to disk (a temporary folder).
     loaded, _, source = load_model(str(model_dir), device_map="sequential", max_memory="cpu=20KB")
     assert "disk" in set(loaded.hf_device_map.values())
-    assert source.placement == "device_map=sequential" and "placement" not in source.identity()
+    assert source.placement == "device_map=sequential"
+    _, _, whole = load_model(str(model_dir))
+    assert model_identity(loaded, source) == model_identity(model, whole)  # placement is not in the identity
     assert torch.equal(logits(loaded), logits(model))
 
 
