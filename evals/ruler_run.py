@@ -27,6 +27,7 @@ import torch
 
 from .checks import check_depths, check_int, check_lengths
 from .identity import display_name, identity_key, model_identity
+from .loading import add_loading_arguments
 from .models import default_apply_method, environment
 from .results import ResultStore, check_out
 from .ruler import CHAT_TEMPLATES, TASKS, Sample, get_task, make_samples, min_words, score, uses_template
@@ -156,7 +157,7 @@ def add_parser(subparsers):
                    help="auto: the tokenizer's chat template when it has one; on: require it; off: plain text")
     p.add_argument("--out", required=True, help="run directory (ruler.jsonl, resumable; one writer at a time)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    add_loading_arguments(p)
     return p
 
 
@@ -179,7 +180,7 @@ def check_command(args) -> dict:
     import ropelab
     from ropelab.spec import parse_int_with_suffix
 
-    from .models import check_dtype, check_model_name
+    from .loading import check_model_name, loading_options
     from .results import check_can_write
 
     tasks = _split(args.tasks, "--tasks", str)
@@ -208,16 +209,17 @@ def check_command(args) -> dict:
             methods.append(ropelab.parse_method(spec).spec())
         except (ValueError, TypeError) as exc:
             raise ValueError(f"--methods {spec!r}: {exc}") from None
-    for flag, check, value in (("--model", check_model_name, args.model), ("--dtype", check_dtype, args.dtype)):
-        try:
-            check(value)
-        except ValueError as exc:
-            raise ValueError(f"{flag}: {exc}") from None
+    loading = loading_options(args)  # its messages name the flag
+    try:
+        check_model_name(args.model, loading["revision"], loading["device_map"])
+    except ValueError as exc:
+        raise ValueError(f"--model: {exc}") from None
     try:
         check_can_write(args.out, "ruler")
     except ValueError as exc:
         raise ValueError(f"--out: {exc}") from None
-    return {"tasks": tasks, "lengths": lengths, "depths": depths, "methods": list(dict.fromkeys(methods))}
+    return {"tasks": tasks, "lengths": lengths, "depths": depths, "methods": list(dict.fromkeys(methods)),
+            "loading": loading}
 
 
 def run_command(args) -> int:
@@ -225,7 +227,7 @@ def run_command(args) -> int:
     from .models import load_model
 
     given = check_command(args)
-    model, tokenizer, source = load_model(args.model, args.dtype)
+    model, tokenizer, source = load_model(args.model, **given["loading"])
     records = ruler(model, tokenizer, given["tasks"], given["methods"], given["lengths"], given["depths"],
                     args.samples, seed=args.seed, chat_template=args.chat_template, out=args.out, model_source=source,
                     progress=not args.quiet)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .loading import add_loading_arguments
 from .tune import Continuous, Grid, Search, tunable, tune_figure
 from .uncertainty import Interval, loss_interval
 
@@ -103,7 +104,7 @@ def add_parser(subparsers):
     p.add_argument("--skip-documents", type=int, default=1, help="documents left for reporting (not tuned on)")
     p.add_argument("--data", default="stdlib")
     p.add_argument("--out", required=True, help="run directory (tune.jsonl, resumable; tune_<param>.png)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    add_loading_arguments(p)
     return p
 
 
@@ -126,7 +127,7 @@ def check_command(args) -> dict:
     from ropelab.spec import parse_int_with_suffix
 
     from .data import check_source
-    from .models import check_dtype, check_model_name
+    from .loading import check_model_name, loading_options
     from .results import check_can_write
 
     try:
@@ -147,16 +148,16 @@ def check_command(args) -> dict:
     if args.skip_documents < 0:
         raise ValueError(f"--skip-documents {args.skip_documents}: must be an integer >= 0")
     data = check_source(args.data)
-    for flag, check, value in (("--model", check_model_name, args.model), ("--dtype", check_dtype, args.dtype)):
-        try:
-            check(value)
-        except ValueError as exc:
-            raise ValueError(f"{flag}: {exc}") from None
+    loading = loading_options(args)  # its messages name the flag
+    try:
+        check_model_name(args.model, loading["revision"], loading["device_map"])
+    except ValueError as exc:
+        raise ValueError(f"--model: {exc}") from None
     try:
         check_can_write(args.out, "tune")
     except ValueError as exc:
         raise ValueError(f"--out: {exc}") from None
-    return {"length": length, "given": given, "fixed": fixed, "data": data}
+    return {"length": length, "given": given, "fixed": fixed, "data": data, "loading": loading}
 
 
 def run_tune(args) -> int:
@@ -168,7 +169,7 @@ def run_tune(args) -> int:
 
     c = check_command(args)
     length = c["length"]
-    model, tokenizer, source = load_model(args.model, args.dtype)
+    model, tokenizer, source = load_model(args.model, **c["loading"])
     space = c["given"] or default_space(args.method, train_length(model), length)
     Search(args.method, space, lambda m: 0.0, fixed=c["fixed"])  # the default space against the rules, before writing
     docs = select_documents(args.data, tokenizer, length, args.documents + args.skip_documents)[args.skip_documents:]

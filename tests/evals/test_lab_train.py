@@ -132,7 +132,7 @@ def test_run_record_names_tokenizer_and_method(corpus, tokenizer, tmp_path):
     train(micro_config("rope-logn", corpus, tokens=4 * 16 * 2), tmp_path / "run", tokenizer=tokenizer,
           progress=False)
     run = json.loads((tmp_path / "run" / "lab.json").read_text())["run"]
-    assert run["training_method"] == "rope:train_length=4,logn=True"
+    assert run["training_method"] == "rope:train_length=4,logn=true"  # the canonical spec text
     assert run["logn_length"] == 4 and run["tokenizer"] == "micro-bpe"
 
 
