@@ -1,7 +1,7 @@
 """`ropelab export --model M --method SPEC --out DIR`: write a model folder whose config carries
 the method as transformers' own rope parameters (ropelab.patches.export), for serving.
 
-The coordinator's CLI adds it with `add_export_parser(subparsers)`; the handler returns an
+evals/cli.py adds it with `add_export_parser(subparsers)`; the handler returns an
 exit code and raises ValueError for bad input (exit 2 in the CLI), before anything is loaded.
 """
 

@@ -1,5 +1,5 @@
 """`ropelab lab train|eval`: the command-line face of the lab. `add_parser(subparsers)` adds
-the `lab` command to an argparse parser (the coordinator wires it into ropelab.evals.cli);
+the `lab` command to an argparse parser (evals/cli.py adds it to `ropelab`);
 meanwhile `python -m ropelab.evals.lab train|eval ...` runs it on its own.
 
 Exit codes as the `ropelab` command: 0 ok, 1 runtime failure, 2 bad input (one line).
