@@ -351,3 +351,14 @@ def loading_options(args: argparse.Namespace) -> dict:
         field = text.split("=", 1)[0]
         raise ValueError(f"{_FLAGS[field]} {text.split('=', 1)[1]}" if field in _FLAGS else text) from None
     return options
+
+
+def checked_model_options(args: argparse.Namespace) -> dict:
+    """`loading_options(args)` plus the check of `--model` against them: what a model-running
+    command verifies before loading (ValueError naming the flag, the value and the rule)."""
+    options = loading_options(args)
+    try:
+        check_model_name(args.model, options["revision"], options["device_map"])
+    except ValueError as exc:
+        raise ValueError(f"--model: {exc}") from None
+    return options

@@ -180,7 +180,7 @@ def check_command(args) -> dict:
     import ropelab
     from ropelab.spec import parse_int_with_suffix
 
-    from .loading import check_model_name, loading_options
+    from .loading import checked_model_options
     from .results import check_can_write
 
     tasks = _split(args.tasks, "--tasks", str)
@@ -209,11 +209,7 @@ def check_command(args) -> dict:
             methods.append(ropelab.parse_method(spec).spec())
         except (ValueError, TypeError) as exc:
             raise ValueError(f"--methods {spec!r}: {exc}") from None
-    loading = loading_options(args)  # its messages name the flag
-    try:
-        check_model_name(args.model, loading["revision"], loading["device_map"])
-    except ValueError as exc:
-        raise ValueError(f"--model: {exc}") from None
+    loading = checked_model_options(args)
     try:
         check_can_write(args.out, "ruler")
     except ValueError as exc:

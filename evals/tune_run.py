@@ -127,7 +127,7 @@ def check_command(args) -> dict:
     from ropelab.spec import parse_int_with_suffix
 
     from .data import check_source
-    from .loading import check_model_name, loading_options
+    from .loading import checked_model_options
     from .results import check_can_write
 
     try:
@@ -148,11 +148,7 @@ def check_command(args) -> dict:
     if args.skip_documents < 0:
         raise ValueError(f"--skip-documents {args.skip_documents}: must be an integer >= 0")
     data = check_source(args.data)
-    loading = loading_options(args)  # its messages name the flag
-    try:
-        check_model_name(args.model, loading["revision"], loading["device_map"])
-    except ValueError as exc:
-        raise ValueError(f"--model: {exc}") from None
+    loading = checked_model_options(args)
     try:
         check_can_write(args.out, "tune")
     except ValueError as exc:
