@@ -41,6 +41,11 @@ def check_number(field: str, value) -> None:
     require(ok, field, value, "must be a finite number")
 
 
+def check_positive(field: str, value) -> None:
+    check_number(field, value)
+    require(value > 0, field, value, "must be > 0")
+
+
 def check_scale(field: str, value) -> None:
     require(isinstance(value, (int, float)) and not isinstance(value, bool), field, value, "must be a number")
     require(math.isfinite(value) and value >= 1, field, value, "must be a finite number >= 1 (1 means no scaling)")

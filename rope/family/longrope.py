@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import frequencies as fm
-from ..method import Frequencies, Method, check_number, check_scale, require
+from ..method import Frequencies, Method, check_number, check_positive, check_scale, require
 from ..registry import register
 
 FACTOR_FIELDS = ("short_factor", "long_factor")
@@ -62,8 +62,7 @@ class LongRoPE(Method):
         if self.scale is not None:
             check_scale("scale", self.scale)
         if self.attention_factor is not None:
-            check_number("attention_factor", self.attention_factor)
-            require(self.attention_factor > 0, "attention_factor", self.attention_factor, "must be > 0")
+            check_positive("attention_factor", self.attention_factor)
 
     @property
     def uses_train_length(self) -> bool:

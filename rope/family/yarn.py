@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .. import frequencies as fm
-from ..method import Frequencies, Method, check_number, check_scale, require
+from ..method import Frequencies, Method, check_number, check_positive, check_scale, require
 from ..registry import register
 
 
@@ -31,8 +31,7 @@ class YaRN(Method):
         require(self.beta_slow > 0, "beta_slow", self.beta_slow, "must be > 0")
         require(self.beta_fast > self.beta_slow, "beta_fast", self.beta_fast, f"must be > beta_slow={self.beta_slow}")
         if self.attention_factor is not None:
-            check_number("attention_factor", self.attention_factor)
-            require(self.attention_factor > 0, "attention_factor", self.attention_factor, "must be > 0")
+            check_positive("attention_factor", self.attention_factor)
 
     @property
     def uses_train_length(self) -> bool:
