@@ -282,11 +282,10 @@ def cmd_plot(args) -> int:
 
 
 def cmd_lm_eval(args) -> int:
-    from .lmeval import PASSKEY_TASK, lm_eval_run, require_lm_eval, write_passkey_task
+    from .distributed import barrier, from_rank0
+    from .lmeval import PASSKEY_TASK, RankFailed, lm_eval_run, require_lm_eval, write_passkey_task
 
-    if checked("torchrun's environment", Rank.from_environment).launched:
-        raise BadInput("lm-eval: launched with several ranks (torchrun or accelerate launch), which the lm-eval "
-                       "bridge does not split yet; run it as one process")
+    rank = launch(args)  # several ranks: lm-eval's data-parallel mode (lmeval.py), rank 0 writes
     method = parse_methods([args.method])[0]
     tasks = [t for t in args.tasks.split(",") if t.strip()]
     if not tasks:
@@ -296,15 +295,25 @@ def cmd_lm_eval(args) -> int:
     passkey_lengths = parse_lengths(args.passkey_lengths, "--passkey-lengths")
     if args.include_path is not None and not os.path.isdir(args.include_path):
         raise BadInput(f"--include-path: include_path={args.include_path!r}: not a directory")
-    options = check_common(args, "lm-eval")
+    options = check_common(args, "lm-eval", rank)
     require_lm_eval()
+    barrier()  # every rank checked --out before rank 0 takes it (lm_eval_run)
     model, tokenizer, source = _load(args, options)
     include = args.include_path
-    if PASSKEY_TASK in tasks and include is None:
-        include = write_passkey_task(os.path.join(args.out, "tasks"), tokenizer, passkey_lengths)
+    if PASSKEY_TASK in tasks and include is None:  # written once, by rank 0, for all
+        include = from_rank0(lambda: str(write_passkey_task(os.path.join(args.out, "tasks"), tokenizer,
+                                                            passkey_lengths)))
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit  # < 1: a fraction
-    records = lm_eval_run(model, tokenizer, tasks, [method], out=args.out, model_source=source,
-                          include_path=include, limit=limit, max_length=args.max_length, progress=not args.quiet)
+    try:
+        records = lm_eval_run(model, tokenizer, tasks, [method], out=args.out, model_source=source,
+                              include_path=include, limit=limit, max_length=args.max_length,
+                              progress=not args.quiet)
+    except RankFailed as exc:  # torchrun stops the other ranks; a rerun resumes
+        print(f"ropelab lm-eval: failed: {exc}", file=sys.stderr)
+        return 1
+    failed = [r for r in records if r.get("status") == "error"]
+    if rank.rank != 0:  # the records are rank 0's, the whole run's; rank 0 reports them
+        return 1 if failed else 0
     results = {r["task"]: r.get("results", {}) for r in records if r.get("status") == "ok"}
     path = os.path.join(args.out, "lm_eval.json")  # a summary of lm_eval.jsonl, rewritten each run
     with open(path, "w") as f:
@@ -312,7 +321,6 @@ def cmd_lm_eval(args) -> int:
                    "results": results}, f, indent=2, default=str)
     print(json.dumps(results, indent=2, default=str))
     print(f"written: {path}", file=sys.stderr)
-    failed = [r for r in records if r.get("status") == "error"]
     for r in failed:
         print(f"task {r['task']} failed: {r['error'][:200]}", file=sys.stderr)
     return 1 if failed else 0

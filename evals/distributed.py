@@ -251,3 +251,32 @@ def barrier() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def from_rank0(produce):
+    """`produce()` run on rank 0 alone, its value given to every rank (a single process: just `produce()`).
+
+    For what one rank must do for all, such as opening a result store or writing a file that
+    all read. If it raises, every rank raises: rank 0 its own exception, the others a
+    ValueError (RuntimeError for anything but a ValueError) with the same message, so bad input
+    found there is refused on every rank alike. The value must pickle.
+    """
+    import torch.distributed as dist
+
+    rank = current_rank()
+    if not rank.launched:
+        return produce()
+    message: list = [None, None]
+    failure = None
+    if rank.rank == 0:
+        try:
+            message[0] = produce()
+        except Exception as exc:
+            failure, message[1] = exc, (isinstance(exc, ValueError), str(exc))
+    dist.broadcast_object_list(message, src=0)
+    if failure is not None:
+        raise failure
+    if message[1] is not None:
+        is_value_error, text = message[1]
+        raise (ValueError if is_value_error else RuntimeError)(text)
+    return message[0]

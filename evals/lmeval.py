@@ -9,6 +9,16 @@ such a local task, written with its data by `write_passkey_task` (`dataset_path:
 `lm_eval_run` runs tasks on the one runner (`runner.py`): a job is one task at one setting
 (method, limit, max_length, include path), recorded in `lm_eval.jsonl` like every other eval
 kind (resumable, locked). lm-eval is optional: `pip install 'ropelab[lmeval]'`.
+
+Data-parallel (`torchrun --nproc-per-node N -m ropelab lm-eval ...`): in an initialised
+torch.distributed process group of more than one rank, every rank loads and patches the
+model and runs every job together, and lm-eval splits each task's requests over the ranks
+and gathers the per-document metrics to rank 0 (its own data-parallel mode;
+`lmeval_parallel.py`). Rank 0 alone opens the result store and writes the records; the
+other ranks learn from it which jobs are done (`distributed.from_rank0`), so all run the
+same jobs in the same order. A rank that fails inside a job stops the run (`RankFailed`):
+the others wait inside lm-eval's collectives, so going on to the next job would leave the
+ranks out of step; torchrun then stops them, and a rerun resumes from the jobs rank 0 wrote.
 """
 
 from __future__ import annotations
@@ -19,6 +29,7 @@ import re
 from pathlib import Path
 
 from .checks import as_list
+from .distributed import check_same_parameters, current_rank, from_rank0
 from .identity import display_name, identity_key, model_identity
 from .models import default_apply_method, environment
 from .passkey import make_prompt
@@ -26,6 +37,36 @@ from .results import ResultStore, check_out
 from .runner import Job, canonical_methods, run_jobs
 
 PASSKEY_TASK = "ropelab_passkey"
+
+
+class RankFailed(BaseException):
+    """A job failed on one rank of a data-parallel lm-eval run; the run stops.
+
+    Not an `Exception`, so the job runner does not record it and go on to the next job (which
+    it does in one process): the other ranks are waiting for this one inside lm-eval's
+    collectives, and only stopping the run (torchrun then stops them) keeps them in step.
+    """
+
+
+class FollowerStore:
+    """What the job runner writes to on ranks other than 0 of a data-parallel run: nothing.
+
+    It knows rank 0's done jobs, so every rank runs the same pending jobs.
+    """
+
+    shard = None  # every rank runs every job (lm-eval splits inside each job), no share
+
+    def __init__(self, done):
+        self._done = set(done)
+
+    def done(self) -> set[str]:
+        return set(self._done)
+
+    def append(self, record: dict) -> None:
+        pass
+
+    def merged(self) -> list[dict]:
+        return []
 
 _TASK_YAML = """\
 # Written by ropelab.evals.lmeval.write_passkey_task; the data lies beside it.
@@ -98,6 +139,9 @@ def run_lm_eval(model, tokenizer, tasks, *, method=None, include_path=None, limi
                 batch_size: int = 1, apply_method=None, log_samples: bool = False) -> dict:
     """`lm_eval.simple_evaluate` on `model` with `method` applied (None: as it is); returns its results dict.
 
+    In a process group of several ranks, lm-eval's data-parallel mode (module docstring):
+    call it on every rank; rank 0 returns the whole results, the others None.
+
     Built-in tasks are indexed only when some task is not found under `include_path`
     (indexing them all takes seconds).
     """
@@ -112,6 +156,10 @@ def run_lm_eval(model, tokenizer, tasks, *, method=None, include_path=None, limi
     tasks = [tasks] if isinstance(tasks, str) else list(tasks)
     defaults = not set(tasks) <= _local_tasks(include_path)
     manager = TaskManager(include_path=str(include_path) if include_path else None, include_defaults=defaults)
+    if current_rank().launched:  # lm-eval splits the requests over the ranks
+        from .lmeval_parallel import DataParallelHFLM
+
+        HFLM = DataParallelHFLM  # noqa: N806
     lm = HFLM(pretrained=model, tokenizer=tokenizer, max_length=max_length, batch_size=batch_size,
               device=str(probe_device(model)))
     with contextlib.ExitStack() as stack:
@@ -140,14 +188,43 @@ def lm_eval_run(model, tokenizer, tasks, methods=("rope",), *, out=None, model_i
     header = {"kind": "lm-eval", "model": display_name(identity), "model_identity": identity, "model_key": key,
               **params, "environment": environment()}
 
+    rank = current_rank()
+
     def execute(method, job):
         task = job.fields["task"]
-        result = run_lm_eval(model, tokenizer, [task], include_path=include_path, limit=limit, max_length=max_length)
+        try:
+            result = run_lm_eval(model, tokenizer, [task], include_path=include_path, limit=limit,
+                                 max_length=max_length)
+        except Exception as exc:
+            if rank.launched:
+                raise RankFailed(f"rank {rank.rank}: task {task}: {type(exc).__name__}: {exc}") from exc
+            raise
+        if result is None:  # a rank other than 0 of a data-parallel run: rank 0 has the results
+            return {}
         return {"results": json.loads(json.dumps(result["results"].get(task, {}), default=str))}
 
-    with ResultStore(out, "lm-eval") as store:
-        store.begin(header)
+    def run(store):
         return run_jobs(model, store, entries, lambda entry: [Job({"task": t, "length": max_length or 0}) for t in tasks],
                         execute, model_key=key, params=params,
                         base={"type": "lm-eval", "model": display_name(identity), "params": params},
-                        apply_method=apply_method or default_apply_method, desc="lm-eval", progress=progress)
+                        apply_method=apply_method or default_apply_method, desc="lm-eval",
+                        progress=progress and rank.rank == 0)
+
+    if not rank.launched:
+        with ResultStore(out, "lm-eval") as store:
+            store.begin(header)
+            return run(store)
+    # data-parallel: the same run on every rank (refused on all if not), rank 0 the only writer
+    check_same_parameters({"model_key": key, "params": params, "tasks": tasks, "methods": [e.spec for e in entries]})
+    with contextlib.ExitStack() as stack:
+
+        def open_store():
+            store = stack.enter_context(ResultStore(out, "lm-eval"))
+            store.begin(header)
+            opened.append(store)
+            return sorted(store.done())
+
+        opened: list = []
+        done = from_rank0(open_store)
+        records = run(opened[0] if opened else FollowerStore(done))
+        return from_rank0(lambda: records)
