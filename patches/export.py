@@ -16,6 +16,9 @@ transformers' `modeling_rope_utils.ROPE_INIT_FUNCTIONS`):
 | yarn                 | yarn, factor, beta_fast, beta_slow, attention_factor,             |
 |                      | original_max_position_embeddings = L                              |
 | llama3               | llama3, factor, low/high_freq_factor, original_max_position_embeddings = L |
+| longrope             | longrope, short_factor, long_factor, attention_factor (resolved), |
+|                      | factor = s when known, original_max_position_embeddings = L       |
+|                      | (lists left out of the spec come from a 'longrope' config)        |
 
 Refused, with the reason: relative-position maps (rerope, leaky-rerope, self-extend: no
 rope_type changes which positions a query and key are rotated at), log-n (no rope_type
@@ -67,16 +70,22 @@ def refusal(method: Method) -> str | None:
         return "log-n query scaling (logn=true): no transformers rope_type scales queries by their position"
     if method.per_query_frequencies:
         return "per-query frequencies (per_query=true): transformers' dynamic uses one length for a whole forward"
-    if method.name not in ("rope", "linear", "ntk", "ntk-old", "dynamic-ntk", "yarn", "llama3"):
+    if method.name not in ("rope", "linear", "ntk", "ntk-old", "dynamic-ntk", "yarn", "llama3", "longrope"):
         return "ropelab has no mapping to a transformers rope_type for it"
     return None
 
 
 def native_parameters(method: Method, site: arch.RotarySite, old: dict) -> dict:
     """rope_parameters for one rotary site (one layer type) that reproduce `method` there."""
-    m = method.with_train_length(site.train_length)
+    m = site.method_for(method)
     keep = {k: old[k] for k in ("partial_rotary_factor",) if k in old}
     theta, d, length = site.base, site.dim, site.train_length
+    if m.name == "longrope":
+        frequencies = m.frequencies(d, theta)  # ValueError naming the field if the lists are missing or short
+        factor = {} if m.scale is None else {"factor": float(m.scale)}
+        return {"rope_type": "longrope", "rope_theta": theta, **keep, **factor,
+                "short_factor": [float(x) for x in m.short_factor], "long_factor": [float(x) for x in m.long_factor],
+                "attention_factor": float(frequencies.attention_factor), "original_max_position_embeddings": length}
     p = m.params
     if m.name == "rope":
         return {"rope_type": "default", "rope_theta": float(p["base"] or theta), **keep}
@@ -108,7 +117,7 @@ def exported_config(model: nn.Module, method: Method | str, **params):
         raise NotImplementedError(f"method={given!r}: {REFUSALS['sinusoidal']}")
     arch.family_of(model)
     sites = arch.find_rotary_sites(model)
-    method = method.with_train_length(sites[0].train_length)
+    method = sites[0].method_for(method)
     reason = refusal(method)
     if reason:
         raise NotImplementedError(f"method={given!r}: cannot export: {reason}")
@@ -131,11 +140,13 @@ def exported_config(model: nn.Module, method: Method | str, **params):
     except Exception as e:
         raise NotImplementedError(f"method={given!r}: cannot export to {type(config).__name__}: "
                                   f"{one_line(e)}") from None
-    if method.name in ("yarn", "llama3"):
+    if method.name in ("yarn", "llama3", "longrope"):
         if hasattr(config, "original_max_position_embeddings"):
             config.original_max_position_embeddings = sites[0].train_length  # transformers prefers the top-level one
         # the extended context, for servers that cap lengths by it; L stays in original_max_position_embeddings
-        config.max_position_embeddings = max(config.max_position_embeddings, int(sites[0].train_length * method.params["scale"]))
+        scale = method.params.get("scale")  # longrope's may be unknown (no factor in the config)
+        if scale:
+            config.max_position_embeddings = max(config.max_position_embeddings, int(sites[0].train_length * scale))
     check_reproduces(method, sites, config, given)
     return config
 
@@ -154,7 +165,7 @@ def check_reproduces(method: Method, sites: list[arch.RotarySite], config, given
         except Exception as e:  # the family's config or rotary rejects the parameters
             raise NotImplementedError(f"method={given!r}: cannot export to {type(site.module).__name__}: "
                                       f"{one_line(e)}") from None
-        m = method.with_train_length(site.train_length)
+        m = site.method_for(method)
         lengths = [site.train_length, 2 * site.train_length, 4 * site.train_length] if m.length_dependent else [None]
         for length in lengths:
             if length is not None:  # run the rotary so its dynamic update sees this length
@@ -183,7 +194,7 @@ def export(model: nn.Module, method: Method | str, out: str | Path, tokenizer=No
         raise ValueError(f"model: patched with {current_patch(model).method.spec()!r}; undo it first "
                          "(export writes the model's own weights, the method goes into the config)")
     config = exported_config(model, method, **params)
-    spec = resolve_method(method, params).with_train_length(arch.find_rotary_sites(model)[0].train_length).spec()
+    spec = arch.find_rotary_sites(model)[0].method_for(resolve_method(method, params)).spec()
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     config.save_pretrained(out)  # overwrites the copy save_pretrained wrote

@@ -5,12 +5,14 @@ is written then."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
 from tiny_models import build, logits, tokens
 from transformers import AutoModelForCausalLM
 
+from ropelab.patches import architectures as arch
 from ropelab.patches import patch
 from ropelab.patches.export import export, exported_config
 
@@ -79,3 +81,37 @@ def test_refuses_a_used_folder_and_a_patched_model(tmp_path):
     with patch(model, "linear:scale=2"), pytest.raises(ValueError, match=r"patched with 'linear:scale=2[,'].*undo it first"):
         export(model, "linear:scale=2", tmp_path / "new")
     assert not (tmp_path / "new").exists() and (tmp_path / "used" / "x").read_text() == "keep"
+
+
+def longrope_lists(dim: int) -> dict:
+    """Distinct per-pair factors (the shape of Phi-3's: short near 1, long growing to ~8)."""
+    half = dim // 2
+    return {"short_factor": [1.0 + 0.02 * i for i in range(half)],
+            "long_factor": [1.0 + 7.0 * i / max(half - 1, 1) for i in range(half)]}
+
+
+@pytest.mark.parametrize("family", ["llama", "phi3"])  # phi3: its config takes no other scaling
+def test_longrope_exports_as_native_longrope(family, tmp_path):
+    model = build(family)
+    lists = longrope_lists(arch.find_rotary_sites(model)[0].dim)
+    export(model, "longrope", tmp_path / "out", scale=4.0, **lists)
+    served = AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
+    params = served.config.rope_parameters
+    assert params["rope_type"] == "longrope" and params["short_factor"] == lists["short_factor"]
+    assert params["attention_factor"] == pytest.approx((1 + math.log(4) / math.log(32)) ** 0.5, rel=1e-15)
+    for ids in (IDS, tokens(24)):  # past L = 32 (the long list) and within it (the short list)
+        with patch(model, "longrope", scale=4.0, **lists):
+            expected = logits(model, ids)
+        torch.testing.assert_close(logits(served, ids), expected, atol=ATOL, rtol=0)
+
+
+def test_a_longrope_model_exports_its_own_lists_and_without_lists_is_refused(tmp_path):
+    lists = longrope_lists(16)
+    native = build("llama", max_position_embeddings=128, rope_parameters={
+        "rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 32, **lists})
+    export(native, "longrope", tmp_path / "out")  # the lists from the model's config
+    served = AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
+    torch.testing.assert_close(logits(served, IDS), logits(native, IDS), atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match=r"short_factor=None: longrope needs per-pair factors"):
+        export(build("llama"), "longrope:scale=4", tmp_path / "none")
+    assert not (tmp_path / "none").exists()
