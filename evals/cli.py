@@ -19,7 +19,8 @@ loading flags --revision --dtype --device --device-map --max-memory --attn-imple
 
 Under torchrun (`torchrun --nproc-per-node N -m ropelab eval ...`) eval, passkey and
 sweep-default split their jobs over the ranks (distributed.py, runner.py), each rank writing
-its own shard of --out.
+its own shard of --out. lm-eval runs under torchrun with lm-eval's own data-parallel split
+(lmeval.py); rank 0 writes its results.
 
 Exit codes: 0 ok; 1 a runtime failure (including jobs recorded as failed); 2 bad input,
 including an --out that another ropelab process is writing (reported in one line, no
@@ -285,6 +286,10 @@ def cmd_lm_eval(args) -> int:
     from .distributed import barrier, from_rank0
     from .lmeval import PASSKEY_TASK, RankFailed, lm_eval_run, require_lm_eval, write_passkey_task
 
+    ranks = checked("torchrun's environment", Rank.from_environment).world_size
+    if args.limit is not None and args.limit >= 1 and int(args.limit) < ranks:  # every rank refuses alike
+        raise BadInput(f"--limit {args.limit:g}: fewer documents than the {ranks} ranks; lm-eval fails on a rank "
+                       "without documents, so give --limit >= the number of ranks")
     rank = launch(args)  # several ranks: lm-eval's data-parallel mode (lmeval.py), rank 0 writes
     method = parse_methods([args.method])[0]
     tasks = [t for t in args.tasks.split(",") if t.strip()]

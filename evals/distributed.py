@@ -23,6 +23,8 @@ and stops the ranks; this file only says which jobs and which devices are a rank
   It splits only a store opened as a shard (`default_shard()`, which the CLI passes): a
   process group alone (tensor parallelism) splits nothing. Readers merge the shards
   (`results.py`).
+- `from_rank0(produce)`: what one rank does for all (the lm-eval bridge's result store, a
+  task file), its value or its error handed to every rank.
 """
 
 from __future__ import annotations

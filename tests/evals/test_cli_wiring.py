@@ -134,3 +134,6 @@ def test_a_broken_torchrun_environment_exits_2(model_dir, tmp_path, no_load, mon
     for command in ("eval", "lm-eval"):  # lm-eval runs on ranks too (test_lmeval_parallel.py)
         rc, printed = run([command, "--model", str(model_dir), "--out", str(tmp_path / "r")], capsys)
         assert rc == 2 and "torchrun's environment: RANK='x'" in printed.err and snapshot(tmp_path / "r") is None
+    monkeypatch.setenv("RANK", "1")  # lm-eval with fewer documents than ranks: refused before joining the ranks
+    rc, printed = run(["lm-eval", "--model", str(model_dir), "--limit", "1", "--out", str(tmp_path / "r")], capsys)
+    assert rc == 2 and "--limit 1: fewer documents than the 2 ranks" in printed.err and snapshot(tmp_path / "r") is None

@@ -96,3 +96,17 @@ def test_from_rank0_in_one_process_is_a_plain_call():
     assert from_rank0(lambda: [1, 2]) == [1, 2]
     with pytest.raises(KeyError):  # raised as it is, not turned into another type
         from_rank0(lambda: {}["x"])
+
+
+@pytest.mark.slow
+def test_a_rank_failing_inside_a_job_stops_every_rank(model_dir, tokenizer, tmp_path):
+    """A one-document task on 2 ranks: lm-eval gives rank 1 nothing and raises there; rank 1
+    stops (it does not go on out of step with rank 0), torchrun stops rank 0, nothing is recorded."""
+    tasks = tmp_path / "tasks"
+    write_passkey_task(tasks, tokenizer, [256], depths=(0.5,))
+    run = tmp_path / "run"
+    result = torchrun(2, "-m", "ropelab", "lm-eval", "--model", str(model_dir), "--tasks", "ropelab_passkey",
+                      "--include-path", str(tasks), "--max-length", "512", "--quiet", "--out", str(run))
+    assert result.returncode != 0
+    assert "ropelab lm-eval: failed: rank 1: task ropelab_passkey: ValueError" in result.stderr
+    assert read_file(run / "lm_eval.jsonl").records == []  # the header only: the job was not recorded
