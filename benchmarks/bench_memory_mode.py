@@ -1,13 +1,19 @@
 """Memory mode (ropelab.patches.memory) against the plain forward: peak extra resident memory
 and time of one decoder forward of SmolLM2-135M, float32, on CPU.
 
-    python benchmarks/bench_memory_mode.py --length 16384 --chunk 2048
+    python benchmarks/bench_memory_mode.py --length 16384 --chunk 2048 [--layers 2]
 
 Each case runs in a fresh subprocess (the embedded model loaded, a 64-token warm-up, then the
 forward `model.model(input_ids)` under inference mode) that samples its resident set every
 2 ms; peak minus the resident set at the start is what the forward added. The cases run one
 after the other, off first; the final hidden states of both are compared (largest absolute
 difference printed). The same sampler as benchmarks/bench_patch.py.
+
+`--layers N` keeps the first N decoder layers only. Under inference mode a layer's
+activations are freed before the next layer runs, so the peak is one layer's activations
+plus the residual stream whatever the depth (compare `--length 4096 --layers 2` with the full
+model's), while the time is N/30 of the full forward's: a full 16k forward takes tens of
+minutes on a shared 2-core machine.
 """
 
 from __future__ import annotations
@@ -45,13 +51,16 @@ class PeakRSS:
         self.extra_mb = max(self.peak, current_rss_mb()) - self.start
 
 
-def case(length: int, chunk: int, out: str) -> None:
+def case(length: int, chunk: int, out: str, layers: int = 0) -> None:
     import torch
 
     from ropelab.patches import load_default_model
     from ropelab.patches.memory import memory_mode
 
     model, _ = load_default_model("smollm2-135m")
+    if layers:
+        model.model.layers = model.model.layers[:layers]
+        model.config.num_hidden_layers = layers
     ids = (torch.arange(length) * 7919 % model.config.vocab_size)[None]
     mode = memory_mode(model, chunk) if chunk else None
     with torch.inference_mode():
@@ -63,17 +72,19 @@ def case(length: int, chunk: int, out: str) -> None:
     torch.save(hidden[0, -256:].clone(), out + ".pt")
     with open(out, "w") as f:
         json.dump({"chunk": chunk, "seconds": seconds, "peak_mb": rss.extra_mb,
-                   "modules": len(mode.modules) if mode else 0, "threads": torch.get_num_threads()}, f)
+                   "modules": len(mode.modules) if mode else 0, "threads": torch.get_num_threads(),
+                   "layers": len(model.model.layers)}, f)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--length", type=int, default=16384)
     parser.add_argument("--chunk", type=int, default=2048)
-    parser.add_argument("--case", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--layers", type=int, default=0, help="keep the first N decoder layers (0: all)")
+    parser.add_argument("--case", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:
-        case(int(args.case[0]), int(args.case[1]), args.case[2])
+        case(int(args.case[0]), int(args.case[1]), args.case[2], int(args.case[3]))
         return
     import torch
 
@@ -81,11 +92,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for chunk in (0, args.chunk):
             out = os.path.join(tmp, f"{chunk}.json")
-            subprocess.run([sys.executable, __file__, "--case", str(args.length), str(chunk), out], check=True)
+            subprocess.run([sys.executable, __file__, "--case", str(args.length), str(chunk), out,
+                            str(args.layers)], check=True)
             with open(out) as f:
                 results.append(json.load(f))
         difference = (torch.load(os.path.join(tmp, "0.json.pt")) - torch.load(os.path.join(tmp, f"{args.chunk}.json.pt"))).abs().max()
-    print(f"SmolLM2-135M float32, {args.length} tokens, decoder forward, {results[0]['threads']} threads")
+    print(f"SmolLM2-135M float32, {args.length} tokens, decoder forward of {results[0]['layers']} layers, "
+          f"{results[0]['threads']} threads")
     print("| memory mode | peak extra MB | seconds |")
     print("|---|---|---|")
     for r in results:

@@ -1,4 +1,4 @@
-"""The lm-eval bridge under torchrun (gloo, localhost, tiny model): lm-eval's own data-parallel
+"""The lm-eval bridge under torchrun and accelerate launch (gloo, localhost, tiny model): lm-eval's own data-parallel
 mode splits the requests over 2 ranks and gathers them to rank 0, whose results equal a single
 process's; rank 0 alone writes the result store, and a rerun (any world size) resumes it."""
 
@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -43,6 +44,17 @@ def torchrun(nproc, *program):
     return subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=600)
 
 
+def accelerate_launch(nproc, *program):
+    """`accelerate launch --multi_gpu`: on CPU too it starts the processes through torchrun (gloo)."""
+    with socket.socket() as free:  # accelerate's default port may be taken by another run here
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    command = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--multi_gpu",
+               f"--num_processes={nproc}", "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no",
+               f"--main_process_port={port}", *program]
+    return subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=600)
+
+
 def python(*program):
     return subprocess.run([sys.executable, *program], capture_output=True, text=True, env=ENV, timeout=600)
 
@@ -73,13 +85,13 @@ def test_two_ranks_give_the_one_process_responses_and_metrics(model_dir, tokeniz
 
 
 @pytest.mark.slow
-def test_cli_on_two_ranks_writes_one_store_that_any_world_size_resumes(model_dir, tmp_path):
+def test_cli_under_accelerate_launch_writes_one_store_that_any_world_size_resumes(model_dir, tmp_path):
     args = ["-m", "ropelab", "lm-eval", "--model", str(model_dir), "--method", "ntk:scale=2", "--tasks",
             "ropelab_passkey", "--passkey-lengths", "256,384", "--limit", "5", "--max-length", "512", "--quiet"]
     result = python(*args, "--out", str(tmp_path / "one"))
     assert result.returncode == 0, result.stderr[-2000:]
     run = tmp_path / "two"
-    result = torchrun(2, *args, "--out", str(run))
+    result = accelerate_launch(2, *args, "--out", str(run))
     assert result.returncode == 0, result.stderr[-3000:]
     assert [p.name for p in run_files(run, "lm-eval")] == ["lm_eval.jsonl"]  # rank 0 alone wrote, no shards
     records = read_file(run / "lm_eval.jsonl").records
