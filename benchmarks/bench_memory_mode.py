@@ -5,7 +5,8 @@ and time of one decoder forward of SmolLM2-135M, float32, on CPU.
 
 Each case runs in a fresh subprocess (the embedded model loaded, a 64-token warm-up, then the
 forward `model.model(input_ids)` under inference mode) that samples its resident set every
-2 ms; peak minus the resident set at the start is what the forward added. The cases run one
+2 ms; peak minus the resident set at the start is what the forward added (large blocks
+always mmapped, see MALLOC). The cases run one
 after the other, off first; the final hidden states of both are compared (largest absolute
 difference printed). The same sampler as benchmarks/bench_patch.py.
 
@@ -26,6 +27,14 @@ import sys
 import tempfile
 import threading
 import time
+
+
+# glibc serves allocations above its mmap threshold with mmap and returns them on free, so
+# the resident set follows the live tensors. Left alone, the threshold rises (up to 32 MB) as
+# large blocks are freed (the model's loading frees many), and later tensors then reuse heap
+# pages already resident: the forward's peak would hide in what loading left behind. A fixed
+# threshold turns that off (glibc mallopt(3), M_MMAP_THRESHOLD).
+MALLOC = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
 def current_rss_mb() -> float:
@@ -93,7 +102,7 @@ def main() -> None:
         for chunk in (0, args.chunk):
             out = os.path.join(tmp, f"{chunk}.json")
             subprocess.run([sys.executable, __file__, "--case", str(args.length), str(chunk), out,
-                            str(args.layers)], check=True)
+                            str(args.layers)], check=True, env={**os.environ, **MALLOC})
             with open(out) as f:
                 results.append(json.load(f))
         difference = (torch.load(os.path.join(tmp, "0.json.pt")) - torch.load(os.path.join(tmp, f"{args.chunk}.json.pt"))).abs().max()
