@@ -171,7 +171,11 @@ def run_lm_eval(model, tokenizer, tasks, *, method=None, include_path=None, limi
 def lm_eval_run(model, tokenizer, tasks, methods=("rope",), *, out=None, model_id: str = "model",
                 model_source: dict | None = None, include_path=None, limit=None, max_length=None,
                 apply_method=None, progress: bool = True) -> list[dict]:
-    """Run (or resume) every task × method on the runner; records go to `out/lm_eval.jsonl`."""
+    """Run (or resume) every task × method on the runner; records go to `out/lm_eval.jsonl`.
+
+    In a process group of several ranks (torchrun), call it on every rank: data-parallel
+    (module docstring); every rank returns rank 0's records.
+    """
     tasks = [t for t in as_list(tasks, "tasks", (str,)) if isinstance(t, str) and t.strip()]
     if not tasks:
         raise ValueError("tasks=[]: give at least one lm-eval task name")
