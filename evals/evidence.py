@@ -8,6 +8,8 @@
   scored on the same documents and tokens: each row's 95% interval and whether it is
   indistinguishable from the best row at that length. A row whose tokens differ from the
   others' gets its own interval and no tie mark;
+- `dense_rows`: which fixed-target rows can draw a per-position line from their longest
+  forward (every record prefix-consistent) and which keep their points only;
 - `ruler_by_length` / `effective_lengths`: RULER-style scores per row and length, in
   percent (mean over tasks, each task weighted equally), and the effective length of each
   row under RULER's threshold (85.6, Llama-2-7B's 4k score; Hsieh et al. 2024, "RULER") and
@@ -57,6 +59,21 @@ def scored_losses(records: list[dict]) -> dict[str, dict[int, dict[str, np.ndarr
             if part is not None and part.size:
                 out.setdefault(names[summary.group_of(r)], {}).setdefault(n, {})[r["document"]] = part
     return out
+
+
+def dense_rows(records: list[dict]) -> tuple[list[str], list[str]]:
+    """(rows with a per-position line, rows with points only) among the fixed-target rows.
+
+    A row gets the line when every successful record of it is prefix-consistent: position p of
+    its longest forward then saw exactly the p tokens before it, as a forward of length p would.
+    """
+    names = summary.labels(records)
+    rows: dict[str, bool] = {}
+    for r in records:
+        if r.get("status") == "ok" and r["params"].get("protocol") == "fixed-target":
+            label = names[summary.group_of(r)]
+            rows[label] = rows.get(label, True) and bool(r.get("prefix_consistent"))
+    return [m for m, ok in rows.items() if ok], [m for m, ok in rows.items() if not ok]
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 
 from . import summary
-from .evidence import effective_lengths, loss_comparisons, ruler_by_length
+from .evidence import dense_rows, effective_lengths, loss_comparisons, ruler_by_length
 from .passkey import accuracy
 from .ruler_run import RELATIVE_FRACTION, RULER_THRESHOLD, task_table
 
@@ -72,6 +72,14 @@ def _perplexity_section(protocol: dict, records: list[dict]) -> list[str]:
              f"Mean next-token loss, token-weighted over {len({r['document'] for r in records})} document(s). "
              f"Training length: {protocol.get('train_length')}.", ""]
     lines += loss_table(protocol, records) + ["", interval_note(records), ""]
+    dense, points = dense_rows(records)
+    if dense:
+        lines += [f"Figure `loss_vs_context`: markers with 95% bars are the table's {protocol['name']} scores; the "
+                  "lines with bands are the loss at each position of each method's longest forward, mean per "
+                  "quarter octave of context length, read from the losses that forward already kept (no extra "
+                  "forward). Lines for the prefix-consistent methods: " + ", ".join(f"`{m}`" for m in dense) + "."
+                  + (" Points only (not prefix-consistent: a position's loss depends on the forward's length): "
+                     + ", ".join(f"`{m}`" for m in points) + "." if points else ""), ""]
     curves = summary.position_curves(records)
     if curves:
         size = 2 ** int(math.log2(max(1.0, max(len(c) for c in curves.values()) / 6)))  # 2k buckets at 16k

@@ -63,3 +63,22 @@ def test_report_has_intervals_the_one_window_note_and_the_evidence_section(model
     figures = run_figures(run)
     assert {"ruler_passkey", "ruler_niah-single"} <= set(figures)
     assert figures["ruler_passkey"].axes[0].get_title() == "rope"
+
+
+def test_report_says_which_rows_have_a_per_position_line(tmp_path):
+    import json
+
+    from ropelab.evals.evidence import dense_rows
+    from ropelab.evals.results import SCHEMA
+
+    rng = np.random.default_rng(3)
+    doc = rng.normal(2, 0.3, 127)
+    recs = [{**fake(m, "d", doc, length=128), "prefix_consistent": pc, "seconds": 1.0, "tokens_per_second": 1.0,
+             "peak_rss_mb": 1.0} for m, pc in (("rope", True), ("dynamic-ntk:scale=2", False))]
+    assert dense_rows(recs) == (["rope"], ["dynamic-ntk:scale=2"])
+    header = {"type": "protocol", "schema": SCHEMA, "kind": "perplexity", "name": "fixed-target", "window": 128,
+              "targets": 32, "stride": 512, "data": "d", "short": "skip", "model": "m", "train_length": 64}
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [header, *recs]))
+    report = write_report(tmp_path).read_text()
+    line = next(x for x in report.splitlines() if x.startswith("Figure `loss_vs_context`"))
+    assert "prefix-consistent methods: `rope`." in line and "Points only" in line and "`dynamic-ntk:scale=2`" in line
