@@ -3,12 +3,15 @@
 # not change their numbers. Every step writes into a resumable result store: run this script
 # again after an interruption and finished evaluations are read back, not repeated.
 # Order: small cells first, so each part yields finished results early.
-#   b1  chat template on|off, passkey and niah-single at 1k and 2k   (RULER-style, ruler.jsonl)
-#   a   tuned versus default at 16k for ntk, beta-base, yarn, rerope, leaky-rerope (tune.jsonl),
+#   b   chat template on|off for passkey and niah-single (RULER-style, templates/ruler.jsonl):
+#       per length, depth 0.5 first (3 samples per template), then depths 0.1 and 0.9
+#       (9 samples per task x length x template cell); 1k and 2k before the tuning, 4k and 8k after
+#   a   tuned versus default at 16k for ntk, beta-base, yarn, rerope, leaky-rerope (tune/METHOD/tune.jsonl),
 #       tuned on stdlib document 5 (--skip-documents 4), reported on document 1 (heldout/)
-#   b2  the same template comparison at 4k and 8k
-#   c   the main job's seven methods over 4 documents at 4k and 16k (the headline intervals)
+#   c   the main job's seven methods over 4 documents at 4k and 16k (multidoc/: the headline intervals)
 # Usage: [SEED=main-job-dir] nice -n 19 bash scripts/evidence_runs.sh [OUT]   (default /work/runs/evidence2)
+# SEED: a finished main-job store (results.jsonl of `ropelab sweep-default`, bf16) copied in as
+# document 1 of c and the defaults of the held-out comparison, so they are not run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-/work/runs/evidence2}"
@@ -16,20 +19,21 @@ R=.venv/bin/ropelab
 mkdir -p "$OUT"
 DT="--dtype bfloat16"   # the main job's dtype (its README: within 0.004 nats of float32)
 
-ruler_cells() {  # $1: lengths
-  for tpl in off on; do
-    $R ruler --quiet $DT --tasks passkey,niah-single --lengths "$1" --depths 0.1,0.5,0.9 --samples 3 \
-      --chat-template "$tpl" --out "$OUT/templates" || true
+ruler_cells() {  # $1: one length; the middle depth for both templates first, then the other depths
+  for depths in 0.5 0.1,0.5,0.9; do
+    for tpl in off on; do
+      $R ruler --quiet $DT --tasks passkey,niah-single --lengths "$1" --depths "$depths" --samples 3 \
+        --chat-template "$tpl" --out "$OUT/templates" || true
+    done
   done
 }
 
-# Seeds (optional): a finished main-job store (SEED=dir with results.jsonl, bf16, same protocol) gives
-# document 1 of c and the defaults of the held-out comparison without running them again.
 for d in multidoc heldout; do
   if [ -n "${SEED:-}" ] && [ ! -e "$OUT/$d/results.jsonl" ]; then mkdir -p "$OUT/$d"; cp "$SEED/results.jsonl" "$OUT/$d/"; fi
 done
 
-ruler_cells 1k,2k
+ruler_cells 1k
+ruler_cells 2k
 
 tune() {  # $1 method, then --param/--fixed arguments
   local m="$1"; shift
