@@ -217,43 +217,57 @@ def bucketed_position_curve(docs: list[np.ndarray], seed: int = 0, start: int = 
 
 
 def difference_figure(losses: dict[str, list], reference: str, *, bucket: int = 256, train_length: int | None = None,
-                      title: str = "", seed: int = 0):
+                      title: str = "", seed: int = 0, zoom: tuple[str, list[str]] | None = None):
     """losses: {method: per-document per-position loss arrays}, all on the same tokens.
 
     Plots, per bucket of `bucket` positions, the mean of (method - reference) with a 95%
     block-bootstrap band over the per-token differences (paired by construction). With the
-    reference alone, its own per-position loss is drawn instead.
+    reference alone, its own per-position loss is drawn instead. zoom: (another reference,
+    methods): a second panel of those methods' differences from it, for when the first
+    reference explodes and its differences hide the rest (the main job's `rope`).
     """
     if reference not in losses:
         raise ValueError(f"reference={reference!r}: not among the methods ({', '.join(losses)})")
     if bucket < 1:
         raise ValueError(f"bucket={bucket}: must be an integer >= 1 (positions per bucket)")
+    if zoom is not None and (zoom[0] not in losses or not set(zoom[1]) <= set(losses)):
+        raise ValueError(f"zoom={zoom!r}: the reference and methods must be among the methods ({', '.join(losses)})")
+    fig, axes = plt.subplots(1, 2 if zoom else 1, figsize=(13 if zoom else 7, 4.5), squeeze=False)
+    colours = {m: f"C{i % 10}" for i, m in enumerate(losses)}
+    panels = [(axes[0][0], reference, losses, title + "\n")]
+    if zoom:
+        panels.append((axes[0][1], zoom[0], {m: losses[m] for m in dict.fromkeys([zoom[0], *zoom[1]])},
+                       f"zoom: differences from {zoom[0]}\n"))
+    for ax, ref_name, these, heading in panels:
+        alone = len(these) == 1
+        _draw_differences(ax, these, ref_name, colours, bucket, seed)
+        _mark_train_length(ax, train_length)
+        ax.set_xlabel("context length (tokens before the predicted token)")
+        what = "loss (nats)" if alone else f"loss minus {ref_name}'s (nats)"
+        ax.set_ylabel(f"{what}, mean per {bucket} positions", fontsize=9 if len(what) < 40 else 7)
+        ax.set_title(heading + f"bands: 95% {'' if alone else 'paired '}block bootstrap", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return fig
+
+
+def _draw_differences(ax, losses: dict[str, list], reference: str, colours: dict, bucket: int, seed: int) -> None:
     ref = [np.asarray(d, dtype=np.float64) for d in losses[reference]]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    alone = len(losses) == 1
-    if alone:
+    if len(losses) == 1:
         xs, mean, low, high = bucket_curve(ref, bucket, seed)
-        ax.plot(xs, mean, color="C0", lw=1.2, label=reference)
-        ax.fill_between(xs, low, high, color="C0", alpha=0.2, lw=0)
-    else:
-        ax.axhline(0.0, color="black", lw=0.8, label=f"reference: {reference}")
-    for i, (m, docs) in enumerate(losses.items()):
+        ax.plot(xs, mean, color=colours[reference], lw=1.2, label=reference)
+        ax.fill_between(xs, low, high, color=colours[reference], alpha=0.2, lw=0)
+        return
+    ax.axhline(0.0, color="black", lw=0.8, label=f"reference: {reference}")
+    for m, docs in losses.items():
         if m == reference:
             continue
         docs = [np.asarray(d, dtype=np.float64) for d in docs]
         if [d.size for d in docs] != [d.size for d in ref]:
             raise ValueError(f"losses[{m!r}]: positions differ from the reference's; the difference needs the same tokens")
         xs, mean, low, high = bucket_curve([d - r for d, r in zip(docs, ref)], bucket, seed)
-        ax.plot(xs, mean, color=f"C{i % 10}", lw=1.2, label=m)
-        ax.fill_between(xs, low, high, color=f"C{i % 10}", alpha=0.2, lw=0)
-    _mark_train_length(ax, train_length)
-    ax.set_xlabel("context length (tokens before the predicted token)")
-    what = "loss (nats)" if alone else f"loss minus {reference}'s (nats)"
-    ax.set_ylabel(f"{what}, mean per {bucket} positions")
-    ax.set_title(title + f"\nbands: 95% {'' if alone else 'paired '}block bootstrap", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    return fig
+        ax.plot(xs, mean, color=colours[m], lw=1.2, label=m)
+        ax.fill_between(xs, low, high, color=colours[m], alpha=0.2, lw=0)
 
 
 def accuracy_heatmap(cells: dict[str, dict[tuple[int, float], float]], *, title: str = "", what: str = "accuracy"):
@@ -400,8 +414,22 @@ def per_position_figure(protocol: dict, records: list[dict], reference: str | No
     reference = reference or ("rope" if "rope" in losses else next(iter(losses)))
     width = len(next(iter(losses.values()))[0])
     return difference_figure(losses, reference, bucket=bucket or max(16, width // 64),
-                             train_length=protocol.get("train_length"),
+                             train_length=protocol.get("train_length"), zoom=difference_zoom(records, reference, losses),
                              title=f"{protocol['model']}: per-position loss difference (each method's longest forward)")
+
+
+def difference_zoom(records: list[dict], reference: str, losses: dict) -> tuple[str, list[str]] | None:
+    """(the best method, the methods within ZOOM_MARGIN of it) when `reference` is not among them, else None.
+
+    The loss table's means decide, as the loss figure's zoom does (`zoom_set`); the best is
+    the zoomed method with the lowest loss at the longest length."""
+    means = {m: {n: (v, v, v) for n, v in row.items()} for m, row in summary.table(None, records).items() if m in losses}
+    zoomed = zoom_set(means)
+    if reference in zoomed or len(zoomed) < 2:
+        return None
+    longest = max(n for m in zoomed for n in means[m])
+    best = min((m for m in zoomed if longest in means[m]), key=lambda m: means[m][longest][0])
+    return best, [m for m in zoomed if m != best]
 
 
 def passkey_figure(protocol: dict, records: list[dict]):

@@ -188,3 +188,23 @@ def test_no_dense_line_outside_fixed_target_or_without_prefix_consistency():
     assert set(dense_curves_from_records(records)) == {"rope", "yarn:scale=2"}
     position = [{**r, "params": {**r["params"], "protocol": "position"}} for r in records]
     assert dense_curves_from_records(position) == {}
+
+
+def test_difference_figure_zooms_on_a_non_exploding_reference():
+    from ropelab.evals.plots import difference_zoom, per_position_figure
+
+    records = _ft_records()  # rope explodes past 2048; yarn and dynamic-ntk hold
+    assert difference_zoom(records, "rope", {"rope": 0, "yarn:scale=2": 0, "dynamic-ntk:scale=2": 0}) == (
+        "yarn:scale=2", ["dynamic-ntk:scale=2"])  # equal losses: the first of the tied best
+    header = {"name": "fixed-target", "targets": 512, "model": "m", "data": "d", "train_length": 2048}
+    fig = per_position_figure(header, records)
+    full, zoom = fig.axes[:2]
+    assert set(lines(full)) == {"reference: rope", "yarn:scale=2", "dynamic-ntk:scale=2", "training length 2k"}
+    assert set(lines(zoom)) == {"reference: yarn:scale=2", "dynamic-ntk:scale=2", "training length 2k"}
+    # dynamic-ntk's record here has yarn's losses: its difference from yarn is 0 at every bucket, not rope's -5
+    assert np.allclose(lines(zoom)["dynamic-ntk:scale=2"].get_ydata(), 0.0, atol=1e-12)
+    assert min(lines(full)["yarn:scale=2"].get_ydata()) == pytest.approx(-5.05)
+    assert len(bands(zoom)) == 1 and "minus yarn:scale=2" in zoom.get_ylabel()
+    with pytest.raises(ValueError, match="zoom="):
+        from ropelab.evals.plots import difference_figure
+        difference_figure({"a": [np.zeros(4)]}, "a", zoom=("b", []))
