@@ -8,6 +8,7 @@
 #       (9 samples per task x length x template cell); 1k and 2k before the tuning, 4k and 8k after
 #   a   tuned versus default at 16k for ntk, beta-base, yarn, rerope, leaky-rerope (tune/METHOD/tune.jsonl),
 #       tuned on stdlib document 5 (--skip-documents 4), reported on document 1 (heldout/)
+#   screen  every RULER-style task at 1k (3 samples): which ones the default model scores above chance on
 #   c   the main job's seven methods over 4 documents at 4k and 16k (multidoc/: the headline intervals)
 # Usage: [SEED=main-job-dir] nice -n 19 bash scripts/evidence_runs.sh [OUT]   (default /work/runs/evidence2)
 # SEED: a finished main-job store (results.jsonl of `ropelab sweep-default`, bf16) copied in as
@@ -63,6 +64,10 @@ $R eval $DT --methods ntk:scale=2,beta-base:scale=2,yarn:scale=2,rerope:window=4
 ruler_cells 4k
 ruler_cells 8k
 $R plot "$OUT/templates" || true
+
+# which RULER-style tasks the default model scores above chance on (the CPU default set): 1k, 3 samples
+TASKS=niah-single,niah-multikey,niah-multivalue,niah-multiquery,variable-tracking,common-words,frequent-words,passkey
+$R ruler --quiet $DT --tasks "$TASKS" --lengths 1k --depths 0.5 --samples 3 --out "$OUT/screen" || true
 
 # c: document 1 first (the main job itself), then documents 1-4 in the same store
 $R sweep-default --quiet --out "$OUT/multidoc" || true
