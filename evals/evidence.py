@@ -8,6 +8,9 @@
   scored on the same documents and tokens: each row's 95% interval and whether it is
   indistinguishable from the best row at that length. A row whose tokens differ from the
   others' gets its own interval and no tie mark;
+- `dense_rows`: which fixed-target rows can draw a per-position line from their longest
+  forward (every record prefix-consistent) and which keep their points only;
+- `ruler_intervals`: the same scores' 95% intervals (a bootstrap stratified by task);
 - `ruler_by_length` / `effective_lengths`: RULER-style scores per row and length, in
   percent (mean over tasks, each task weighted equally), and the effective length of each
   row under RULER's threshold (85.6, Llama-2-7B's 4k score; Hsieh et al. 2024, "RULER") and
@@ -23,7 +26,7 @@ import numpy as np
 
 from . import summary
 from .ruler_run import RELATIVE_FRACTION, RULER_THRESHOLD, effective_length
-from .uncertainty import Interval, compare, loss_interval
+from .uncertainty import Interval, compare, loss_interval, task_mean_interval
 
 
 def _scored(record: dict, n: int) -> np.ndarray | None:
@@ -57,6 +60,21 @@ def scored_losses(records: list[dict]) -> dict[str, dict[int, dict[str, np.ndarr
             if part is not None and part.size:
                 out.setdefault(names[summary.group_of(r)], {}).setdefault(n, {})[r["document"]] = part
     return out
+
+
+def dense_rows(records: list[dict]) -> tuple[list[str], list[str]]:
+    """(rows with a per-position line, rows with points only) among the fixed-target rows.
+
+    A row gets the line when every successful record of it is prefix-consistent: position p of
+    its longest forward then saw exactly the p tokens before it, as a forward of length p would.
+    """
+    names = summary.labels(records)
+    rows: dict[str, bool] = {}
+    for r in records:
+        if r.get("status") == "ok" and r["params"].get("protocol") == "fixed-target":
+            label = names[summary.group_of(r)]
+            rows[label] = rows.get(label, True) and bool(r.get("prefix_consistent"))
+    return [m for m, ok in rows.items() if ok], [m for m, ok in rows.items() if not ok]
 
 
 @dataclass(frozen=True)
@@ -96,6 +114,24 @@ def loss_comparisons(records: list[dict], seed: int = 0) -> dict[str, dict[int, 
             except ValueError:
                 interval = None
             out[m][n] = Cell(interval, mean, None, False)
+    return out
+
+
+def ruler_intervals(records: list[dict]) -> dict[str, dict[int, Interval | None]]:
+    """{row label: {length: the score's 95% interval in [0, 1] (uncertainty.task_mean_interval), or None}}."""
+    names = summary.labels(records)
+    cells: dict[str, dict[int, dict[str, list[float]]]] = {}
+    for r in records:
+        if r.get("status") == "ok":
+            row = cells.setdefault(names[summary.group_of(r)], {}).setdefault(r["length"], {})
+            row.setdefault(r["task"], []).append(r["score"])
+    out: dict[str, dict[int, Interval | None]] = {}
+    for m, row in cells.items():
+        for n, tasks in sorted(row.items()):
+            try:
+                out.setdefault(m, {})[n] = task_mean_interval(tasks)
+            except ValueError:  # too few samples for the stratified bootstrap
+                out.setdefault(m, {})[n] = None
     return out
 
 

@@ -11,9 +11,10 @@ import math
 from pathlib import Path
 
 from . import summary
-from .evidence import effective_lengths, loss_comparisons, ruler_by_length
+from .evidence import dense_rows, effective_lengths, loss_comparisons, ruler_by_length, ruler_intervals
 from .passkey import accuracy
 from .ruler_run import RELATIVE_FRACTION, RULER_THRESHOLD, task_table
+from .uncertainty import Interval, accuracy_interval
 
 
 def _k(n: int) -> str:
@@ -72,6 +73,14 @@ def _perplexity_section(protocol: dict, records: list[dict]) -> list[str]:
              f"Mean next-token loss, token-weighted over {len({r['document'] for r in records})} document(s). "
              f"Training length: {protocol.get('train_length')}.", ""]
     lines += loss_table(protocol, records) + ["", interval_note(records), ""]
+    dense, points = dense_rows(records)
+    if dense:
+        lines += [f"Figure `loss_vs_context`: markers with 95% bars are the table's {protocol['name']} scores; the "
+                  "lines with bands are the loss at each position of each method's longest forward, mean per "
+                  "quarter octave of context length, read from the losses that forward already kept (no extra "
+                  "forward). Lines for the prefix-consistent methods: " + ", ".join(f"`{m}`" for m in dense) + "."
+                  + (" Points only (not prefix-consistent: a position's loss depends on the forward's length): "
+                     + ", ".join(f"`{m}`" for m in points) + "." if points else ""), ""]
     curves = summary.position_curves(records)
     if curves:
         size = 2 ** int(math.log2(max(1.0, max(len(c) for c in curves.values()) / 6)))  # 2k buckets at 16k
@@ -98,7 +107,24 @@ def _passkey_section(protocol: dict, records: list[dict]) -> list[str]:
     lines = ["## Passkey retrieval", "", f"Greedy; {protocol['scoring']}; seed {protocol['seed']}.", ""]
     lines += _table(["method"] + [f"{_k(n)} @ {d:g}" for n, d in cells],
                     [[f"`{m}`"] + [f"{v[c]:.2f}" if c in v else "–" for c in cells] for m, v in acc.items()])
+    by_length = passkey_by_length(records)
+    lengths = sorted({n for row in by_length.values() for n in row})
+    lines += ["", "By length, all depths and trials together: correct / trials, with the Wilson 95% interval.", ""]
+    lines += _table(["method"] + [_k(n) for n in lengths],
+                    [[f"`{m}`"] + [f"{round(row[n].mean * row[n].blocks)}/{row[n].blocks} [{row[n].low:.2f}, "
+                                   f"{row[n].high:.2f}]" if n in row else "–" for n in lengths]
+                     for m, row in by_length.items()])
     return lines + [""]
+
+
+def passkey_by_length(records: list[dict]) -> dict[str, dict[int, Interval]]:
+    """{row label: {length: fraction correct with its Wilson interval}} over successful passkey trials."""
+    names = summary.labels(records)
+    cells: dict[str, dict[int, list[bool]]] = {}
+    for r in records:
+        if r.get("status") == "ok":
+            cells.setdefault(names[summary.group_of(r)], {}).setdefault(r["length"], []).append(bool(r["correct"]))
+    return {m: {n: accuracy_interval(v) for n, v in sorted(row.items())} for m, row in cells.items()}
 
 
 def _ruler_section(records: list[dict]) -> list[str]:
@@ -124,6 +150,8 @@ def _evidence_section(ppl: list[dict], ruler: list[dict]) -> list[str]:
     if not scores:
         return []
     losses = summary.table(None, ppl) if ppl else {}
+    loss_cells = loss_comparisons(ppl) if ppl else {}
+    score_cells = ruler_intervals(ruler)
     relative, effective = effective_lengths(scores)
     lengths = sorted({n for row in scores.values() for n in row} | {n for row in losses.values() for n in row})
     lines = ["## Loss and retrieval by context length", "",
@@ -132,13 +160,19 @@ def _evidence_section(ppl: list[dict], ruler: list[dict]) -> list[str]:
              f"the longest length whose score, and every shorter one's, stays at or above a threshold. RULER's "
              f"threshold is {RULER_THRESHOLD} (Llama-2-7B's 4k score; Hsieh et al. 2024); the model-relative one "
              f"is {RELATIVE_FRACTION:g} × the best method's score at the shortest length"
-             + (f" = {relative:.1f}." if relative is not None else " (none: no method scores there)."), ""]
+             + (f" = {relative:.1f}." if relative is not None else " (none: no method scores there).")
+             + " Brackets: 95% intervals (the loss table's; for the score, a bootstrap over samples stratified by "
+             "task, Wilson for one task of 0/1 scores; none with fewer than 10 samples over several tasks).", ""]
     body = []
     for m in dict.fromkeys([*losses, *scores]):
         cells = []
         for n in lengths:
             loss = f"{losses[m][n]:.3f}" if n in losses.get(m, {}) else "–"
+            if (cell := loss_cells.get(m, {}).get(n)) is not None and cell.interval is not None:
+                loss += f" [{cell.interval.low:.3f}, {cell.interval.high:.3f}]"
             score = f"{scores[m][n]:.0f}%" if n in scores.get(m, {}) else "–"
+            if (iv := score_cells.get(m, {}).get(n)) is not None:
+                score += f" [{100 * iv.low:.0f}, {100 * iv.high:.0f}]"
             cells.append(f"{loss} / {score}")
         ruler_len, relative_len = effective.get(m, (None, None))
         show = lambda n: _k(n) if n else "–"  # noqa: E731

@@ -90,6 +90,23 @@ def loss_objective(model, documents: list[list[int]], length: int, targets: int,
     return objective
 
 
+def suggested_setting(method: str, train_length: int, target_length: int, head_dim: int, base: float) -> dict:
+    """The rule-based setting of `method` (`ropelab suggest`, evals/suggest.py) as {parameter: value}, or {}.
+
+    The tuning figure marks it as the default the search is judged against."""
+    import dataclasses
+
+    import ropelab
+
+    from .suggest import suggest
+
+    for s in suggest(train_length, target_length, head_dim, base):
+        m = ropelab.parse_method(s.spec)
+        if m.name == method:
+            return {f.name: getattr(m, f.name) for f in dataclasses.fields(m) if f.name != "train_length"}
+    return {}
+
+
 def add_parser(subparsers):
     """Add `tune` to an argparse subparsers object; the handler is `run_tune`."""
     p = subparsers.add_parser("tune", help="search a method's parameters by fixed-target loss at a target length")
@@ -197,8 +214,14 @@ def run_tune(args) -> int:
         seconds: dict[str, float] = {}
         search = Search(args.method, space, timed, fixed=c["fixed"], cache=cache, on_result=on_result)
         best = search.run()
+    from .suggest import facts_from_config
+
+    facts = facts_from_config(model.config, "the loaded model")
+    suggested = suggested_setting(args.method, facts.train_length, length, facts.head_dim, facts.base)
     for p in space:
-        tune_figure(search.evaluations, p, title=f"{name}: {args.method} at {length} tokens").savefig(
+        tune_figure(search.evaluations, p, default=suggested.get(p),
+                    title=f"{name}: {args.method} at {length} tokens").savefig(
             Path(args.out) / f"tune_{p}.png", dpi=120, bbox_inches="tight")
-    print(json.dumps({"best": best.spec, "loss": best.value.as_dict()}))
+    print(json.dumps({"best": best.spec, "loss": best.value.as_dict(),
+                      "suggested": {p: suggested[p] for p in space if p in suggested}}))
     return 0

@@ -25,7 +25,8 @@ the 95% interval of its difference from the lowest-mean method contains 0 (no
 multiple-comparison correction: one interval per method).
 
 Accuracies (`accuracy_interval`): the Wilson score interval (Wilson 1927) for 0/1 scores;
-a percentile bootstrap over samples for partial scores in [0, 1].
+a percentile bootstrap over samples for partial scores in [0, 1]. A mean over tasks
+(`task_mean_interval`): a bootstrap stratified by task.
 
 Every function is deterministic for its `seed`. Too little data for an interval (fewer
 than `MIN_BLOCKS` blocks in all, or no sample) raises ValueError rather than returning one.
@@ -264,6 +265,28 @@ def accuracy_interval(scores, *, resamples: int = RESAMPLES, seed: int = 0) -> I
     draws = np.random.default_rng(seed).integers(0, x.size, (resamples, x.size))
     low, high = _percentiles(x[draws].mean(axis=1))
     return Interval(mean, low, high, x.size, x.size, 1, "percentile bootstrap over samples")
+
+
+def task_mean_interval(scores_by_task: dict[str, list], *, resamples: int = RESAMPLES, seed: int = 0) -> Interval:
+    """The mean over tasks of each task's mean score, with a 95% interval.
+
+    One task: `accuracy_interval`. Several: a stratified percentile bootstrap (each resample
+    draws every task's samples with replacement inside that task, so each task keeps its
+    weight), which needs at least `MIN_BLOCKS` samples in all.
+    """
+    tasks = {t: np.asarray(list(v), dtype=np.float64) for t, v in scores_by_task.items()}
+    if not tasks or any(x.size == 0 for x in tasks.values()):
+        raise ValueError(f"scores_by_task: need at least one task, each with a scored sample (got {sorted(tasks)})")
+    if len(tasks) == 1:
+        return accuracy_interval(next(iter(tasks.values())), resamples=resamples, seed=seed)
+    total = sum(x.size for x in tasks.values())
+    if total < MIN_BLOCKS:
+        raise ValueError(f"samples={total}: a stratified bootstrap over tasks needs at least {MIN_BLOCKS} samples")
+    rng = np.random.default_rng(seed)
+    means = np.mean([x[rng.integers(0, x.size, (resamples, x.size))].mean(axis=1) for x in tasks.values()], axis=0)
+    low, high = _percentiles(means)
+    mean = float(np.mean([x.mean() for x in tasks.values()]))
+    return Interval(mean, low, high, total, total, 1, f"stratified percentile bootstrap over samples of {len(tasks)} tasks")
 
 
 def fixed_target_losses(records: list[dict]) -> dict[tuple[str, int], list[np.ndarray]]:

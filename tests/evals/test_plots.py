@@ -99,3 +99,112 @@ def test_loss_axis_label_comes_from_the_protocol_registry(monkeypatch):
                 "scored_tokens": 7, "params": {"protocol": "fixed-target", "window": 32, "targets": 7},
                 "losses": [1.0] * 31}]
     assert loss_vs_context_figure(header, records).axes[0].get_ylabel() == "custom 7 (nats)"
+
+
+# --- dense per-position lines under fixed-target (the main job's figure) ------------------------
+
+from ropelab.evals.plots import (  # noqa: E402
+    MIN_BUCKET, bucketed_position_curve, dense_curves_from_records, loss_vs_context_figure, position_buckets)
+
+
+def test_position_buckets_tile_the_contexts_in_quarter_octaves():
+    buckets = position_buckets(16384)
+    assert buckets[0][0] == 256 and buckets[-1][1] == 16384 and len(buckets) == 24  # 6 octaves x 4
+    assert all(a < b and b - a >= MIN_BUCKET for a, b in buckets)
+    assert all(prev[1] == nxt[0] for prev, nxt in zip(buckets, buckets[1:]))  # contiguous, no context left out
+    ratios = [b / a for a, b in buckets]
+    assert max(ratios) == pytest.approx(2 ** 0.25, abs=0.01)  # rounding to whole tokens moves a ratio by < 1%
+    short = position_buckets(32)  # a test-sized window: start falls to 32 // 16 and narrow steps merge
+    assert short[0][0] == 2 and short[-1][1] == 32 and all(b - a >= MIN_BUCKET for a, b in short[:-1])
+    with pytest.raises(ValueError, match="width=1"):
+        position_buckets(1)
+
+
+def test_bucketed_curve_is_the_mean_of_the_right_positions():
+    rng = np.random.default_rng(1)
+    docs = [rng.normal(2, 0.5, 4095), rng.normal(2, 0.5, 4095)]  # a 4096-token forward: contexts 1..4095
+    xs, mean, low, high = bucketed_position_curve(docs)
+    buckets = position_buckets(4096)
+    assert len(xs) == len(buckets)
+    for (a, b), x, m, lo, hi in zip(buckets, xs, mean, low, high):
+        brute = np.concatenate([d[a - 1 : b - 1] for d in docs])  # entry c - 1 is the prediction with c tokens of context
+        assert m == pytest.approx(brute.mean(), rel=1e-12)  # the same float64 sum in another order
+        assert a <= x <= b and lo < m < hi
+
+
+def _ft_record(method, n, losses, prefix=True, document="d"):
+    return {"status": "ok", "method": method, "model_key": "k", "document": document, "length": n,
+            "loss": float(np.mean(losses[-512:])), "scored_tokens": 512, "prefix_consistent": prefix,
+            "params": {"protocol": "fixed-target", "window": 4096, "targets": 512}, "losses": list(losses),
+            "seconds": 1.0, "tokens_per_second": 1.0, "peak_rss_mb": 1.0}
+
+
+def _ft_records():
+    rng = np.random.default_rng(2)
+    content = np.repeat(rng.normal(2.0, 0.4, 64), 64)[:4095]  # shared swings, as a document's content gives
+    rope = content + np.where(np.arange(4095) >= 2048, 5.0, 0.0)  # explodes past a training length of 2048
+    yarn = content - 0.05
+    records = []
+    for method, full in (("rope", rope), ("yarn:scale=2", yarn)):
+        records += [_ft_record(method, 4096, full), _ft_record(method, 1024, full[:1023])]
+    records += [_ft_record("dynamic-ntk:scale=2", n, yarn[:n - 1], prefix=False) for n in (1024, 4096)]
+    return records
+
+
+def test_fixed_target_figure_has_dense_lines_for_prefix_consistent_methods_only():
+    header = {"name": "fixed-target", "targets": 512, "model": "m", "data": "d", "train_length": 2048}
+    records = _ft_records()
+    fig = loss_vs_context_figure(header, records)
+    full, zoom = fig.axes[:2]
+    ls = lines(full)
+    points_only = "dynamic-ntk:scale=2 (points only: not prefix-consistent)"
+    assert set(ls) == {"rope", "yarn:scale=2", "_rope points", "_yarn:scale=2 points", points_only,
+                       "training length 2k"}
+    width = len(position_buckets(4096))
+    assert len(ls["rope"].get_xdata()) == len(ls["yarn:scale=2"].get_xdata()) == width
+    # the dense line is the bucket means of the longest forward's kept losses (no other data)
+    rope_4k = np.asarray(records[0]["losses"])
+    for (a, b), y in zip(position_buckets(4096), ls["rope"].get_ydata()):
+        assert y == pytest.approx(rope_4k[a - 1 : b - 1].mean(), rel=1e-12)
+    # the fixed-target scores stay, as markers without a connecting line, with 95% bars
+    marks = ls["_rope points"]
+    assert list(marks.get_xdata()) == [1024, 4096] and marks.get_linestyle() == "None"
+    assert list(marks.get_ydata()) == pytest.approx([np.mean(rope_4k[:1023][-512:]), np.mean(rope_4k[-512:])])
+    bars = [c for c in full.collections if isinstance(c, mcoll.LineCollection) and c.get_label() == "_rope bars"]
+    assert len(bars) == 1 and len(bars[0].get_segments()) == 2
+    # dynamic-ntk keeps its two points, joined, with a band; every dense line has a band too
+    assert list(ls[points_only].get_xdata()) == [1024, 4096]
+    assert len(bands(full)) == 3
+    # the caption says which is which; the zoom drops rope and narrows to the fixed-target lengths
+    caption = " ".join(t.get_text() for t in fig.texts)
+    assert "prefix-consistent" in caption and "markers" in caption and "last 512 tokens" in caption
+    assert "rope" not in lines(zoom) and "yarn:scale=2" in lines(zoom)
+    assert zoom.get_xlim()[0] == pytest.approx(1024 / 1.2) and zoom.get_ylim()[1] < 5.0
+    assert "bars" in fig._suptitle.get_text()
+
+
+def test_no_dense_line_outside_fixed_target_or_without_prefix_consistency():
+    records = _ft_records()
+    assert set(dense_curves_from_records(records)) == {"rope", "yarn:scale=2"}
+    position = [{**r, "params": {**r["params"], "protocol": "position"}} for r in records]
+    assert dense_curves_from_records(position) == {}
+
+
+def test_difference_figure_zooms_on_a_non_exploding_reference():
+    from ropelab.evals.plots import difference_zoom, per_position_figure
+
+    records = _ft_records()  # rope explodes past 2048; yarn and dynamic-ntk hold
+    assert difference_zoom(records, "rope", {"rope": 0, "yarn:scale=2": 0, "dynamic-ntk:scale=2": 0}) == (
+        "yarn:scale=2", ["dynamic-ntk:scale=2"])  # equal losses: the first of the tied best
+    header = {"name": "fixed-target", "targets": 512, "model": "m", "data": "d", "train_length": 2048}
+    fig = per_position_figure(header, records)
+    full, zoom = fig.axes[:2]
+    assert set(lines(full)) == {"reference: rope", "yarn:scale=2", "dynamic-ntk:scale=2", "training length 2k"}
+    assert set(lines(zoom)) == {"reference: yarn:scale=2", "dynamic-ntk:scale=2", "training length 2k"}
+    # dynamic-ntk's record here has yarn's losses: its difference from yarn is 0 at every bucket, not rope's -5
+    assert np.allclose(lines(zoom)["dynamic-ntk:scale=2"].get_ydata(), 0.0, atol=1e-12)
+    assert min(lines(full)["yarn:scale=2"].get_ydata()) == pytest.approx(-5.05)
+    assert len(bands(zoom)) == 1 and "minus yarn:scale=2" in zoom.get_ylabel()
+    with pytest.raises(ValueError, match="zoom="):
+        from ropelab.evals.plots import difference_figure
+        difference_figure({"a": [np.zeros(4)]}, "a", zoom=("b", []))

@@ -60,6 +60,41 @@ def test_report_has_intervals_the_one_window_note_and_the_evidence_section(model
     assert "## RULER-style tasks" in text and "### passkey" in text and "### niah-single" in text
     assert "## Loss and retrieval by context length" in text and f"effective ({RULER_THRESHOLD})" in text
     assert "model-relative one is 0.85" in text
+    section = text.split("## Loss and retrieval by context length")[1]
+    evidence_row = next(line for line in section.splitlines() if line.startswith("| `rope` |"))
+    assert re.search(r"\d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\] / –", evidence_row)  # the loss carries its interval
+    assert re.search(r"– / \d+% \|", evidence_row)  # 2 samples over 2 tasks: too few for the stratified bootstrap
     figures = run_figures(run)
     assert {"ruler_passkey", "ruler_niah-single"} <= set(figures)
     assert figures["ruler_passkey"].axes[0].get_title() == "rope"
+
+
+def test_report_says_which_rows_have_a_per_position_line(tmp_path):
+    import json
+
+    from ropelab.evals.evidence import dense_rows
+    from ropelab.evals.results import SCHEMA
+
+    rng = np.random.default_rng(3)
+    doc = rng.normal(2, 0.3, 127)
+    recs = [{**fake(m, "d", doc, length=128), "prefix_consistent": pc, "seconds": 1.0, "tokens_per_second": 1.0,
+             "peak_rss_mb": 1.0} for m, pc in (("rope", True), ("dynamic-ntk:scale=2", False))]
+    assert dense_rows(recs) == (["rope"], ["dynamic-ntk:scale=2"])
+    header = {"type": "protocol", "schema": SCHEMA, "kind": "perplexity", "name": "fixed-target", "window": 128,
+              "targets": 32, "stride": 512, "data": "d", "short": "skip", "model": "m", "train_length": 64}
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [header, *recs]))
+    report = write_report(tmp_path).read_text()
+    line = next(x for x in report.splitlines() if x.startswith("Figure `loss_vs_context`"))
+    assert "prefix-consistent methods: `rope`." in line and "Points only" in line and "`dynamic-ntk:scale=2`" in line
+
+
+def test_passkey_table_by_length_has_wilson_intervals():
+    from ropelab.evals.report import passkey_by_length
+    from ropelab.evals.uncertainty import wilson
+
+    recs = [{"status": "ok", "method": "rope", "model_key": "k", "params": {}, "length": n, "depth": d, "correct": c}
+            for n, d, c in ((1024, 0.1, True), (1024, 0.9, True), (2048, 0.1, True), (2048, 0.9, False),
+                            (2048, 0.5, False))]
+    rows = passkey_by_length(recs)["rope"]
+    assert rows[1024].mean == 1.0 and (rows[1024].low, rows[1024].high) == wilson(2, 2)
+    assert rows[2048].mean == pytest.approx(1 / 3) and (rows[2048].low, rows[2048].high) == wilson(1, 3)

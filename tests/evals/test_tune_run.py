@@ -30,6 +30,7 @@ def test_tune_end_to_end_then_resume(model_dir, text_dir, tmp_path, capsys):
     assert len(records) == 8 and all(r["interval"]["low"] <= r["interval"]["mean"] <= r["interval"]["high"] for r in records)
     best = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert best["loss"]["mean"] == min(r["interval"]["mean"] for r in records)
+    assert set(best["suggested"]) == {"scale"} and best["suggested"]["scale"] >= 1  # the rule's s = max(1, N/L)
     assert (out / "tune_scale.png").is_file()
     assert args.func(args) == 0  # resumed: every evaluation from the file
     assert len((out / "tune.jsonl").read_text().splitlines()) == len(lines)
@@ -58,3 +59,15 @@ def test_parse_param_and_default_space():
     space = default_space("leaky-rerope", 8192, 16384)
     assert space["window"] == Grid((1024, 2048, 4096)) and space["scale"].log
     assert default_space("yarn", 8192, 16384)["scale"] == Continuous(1.0, 8.0, log=True)
+
+
+def test_suggested_setting_is_the_rule_based_default_the_figure_marks():
+    from ropelab.evals.tune_run import suggested_setting
+
+    # L = 8192, N = 16k (the main job): s = N/L = 2; rerope w = L/2; leaky-rerope w = L/4 and Su's k = 16
+    assert suggested_setting("ntk", 8192, 16384, 64, 1e5)["scale"] == 2
+    assert suggested_setting("beta-base", 8192, 16384, 64, 1e5)["scale"] == 2
+    assert suggested_setting("rerope", 8192, 16384, 64, 1e5)["window"] == 4096
+    leaky = suggested_setting("leaky-rerope", 8192, 16384, 64, 1e5)
+    assert (leaky["window"], leaky["scale"]) == (2048, 16)
+    assert suggested_setting("ntk", 8192, 65536, 64, 1e5)["scale"] == 8

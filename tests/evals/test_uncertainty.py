@@ -136,3 +136,23 @@ def test_adapter_from_fixed_target_records_pairs_documents():
     out = fixed_target_losses(recs)
     assert set(out) == {("rope", 64), ("ntk", 64)}
     assert [list(x) for x in out[("rope", 64)]] == [[6, 7, 8, 9]] * 2
+
+
+def test_task_mean_interval_weights_tasks_equally_and_resamples_inside_each():
+    from ropelab.evals.uncertainty import accuracy_interval, task_mean_interval
+
+    one = [1, 0, 1, 1]
+    assert task_mean_interval({"a": one}) == accuracy_interval(one)  # one task: Wilson, as the task table
+    # a task of 10 ones and one of 2 zeros: equal weights give 0.5 whatever the sizes, and every
+    # resample is 0.5 too (each task's draws stay inside that task): a point interval
+    iv = task_mean_interval({"a": [1] * 10, "b": [0, 0]})
+    assert (iv.mean, iv.low, iv.high) == (0.5, 0.5, 0.5)
+    rng = np.random.default_rng(0)
+    mixed = {"a": rng.integers(0, 2, 12).tolist(), "b": rng.random(12).tolist()}
+    iv = task_mean_interval(mixed, seed=1)
+    assert iv.mean == pytest.approx((np.mean(mixed["a"]) + np.mean(mixed["b"])) / 2, rel=1e-12)
+    assert 0 <= iv.low < iv.mean < iv.high <= 1 and iv.documents == 24
+    with pytest.raises(ValueError, match="samples=4"):
+        task_mean_interval({"a": [1, 0], "b": [1, 1]})
+    with pytest.raises(ValueError, match="scores_by_task"):
+        task_mean_interval({"a": []})
