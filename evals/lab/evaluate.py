@@ -17,6 +17,7 @@ and figures are drawn from the store's records alone (`table_from_store`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import statistics
 from pathlib import Path
@@ -76,7 +77,9 @@ def plan(runs, factors, methods) -> list[dict]:
         specs = list(methods) if methods else lab_methods.default_methods(position, length, lengths[-1])
         checked = [lab_methods.check_method(position, spec) for spec in specs]
         entries = list({m.spec(): MethodEntry(m.spec(), m) for m in checked}.values())  # canonical, deduplicated
-        plans.append({"dir": Path(run_dir), "name": Path(run_dir).resolve().name, "run": record,
+        name = Path(run_dir).resolve().name
+        digest = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:10]
+        plans.append({"dir": Path(run_dir), "name": name, "model_key": f"{name}@{digest}", "run": record,
                       "lengths": lengths, "methods": entries})
     names = [p["name"] for p in plans]
     if len(set(names)) != len(names):
@@ -95,7 +98,7 @@ def evaluate(runs, out, *, factors=(1, 4, 8, 16), methods=None, documents: int =
     check_device(device)
     out = Path(out)
     with ResultStore(out, "lab") as store:
-        store.begin({**PROTOCOL, "factors": sorted(set(factors)), "documents": documents})
+        store.begin(PROTOCOL)  # lengths and documents are in each job's key: any may be added later
         for p in plans:
             evaluate_run(p, store, documents, chunk, device, progress)
     return table_from_store(out, plans)
@@ -136,13 +139,13 @@ def evaluate_run(p: dict, store: ResultStore, documents: int, chunk: int, device
         return lab_methods.apply_to(model, run["position"], method, run["train_length"], run["logn_length"])
 
     done = store.done()
-    pending = any(job_key(p["name"], e.spec, params, {"length": n}) not in done
+    pending = any(job_key(p["model_key"], e.spec, params, {"length": n}) not in done
                   for e in p["methods"] for n in p["lengths"])
     model = None
     if pending:
         model = AutoModelForCausalLM.from_pretrained(p["dir"] / "model", dtype=torch.float32).to(device).eval()
         check_head(model)
-    records = run_jobs(model, store, p["methods"], make_jobs, execute, model_key=p["name"], params=params, base=base,
+    records = run_jobs(model, store, p["methods"], make_jobs, execute, model_key=p["model_key"], params=params, base=base,
                        apply_method=apply_method, desc=f"lab eval {p['name']}", progress=progress)
     del model
     return records
