@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from ..losses import check_head, hidden_states
-from ..results import ResultStore, job_key
+from ..results import ResultStore
 from ..runner import Job, MethodEntry, run_jobs
 from . import methods as lab_methods
 from .corpus import heldout_documents
@@ -105,7 +105,9 @@ def evaluate(runs, out, *, factors=(1, 4, 8, 16), methods=None, documents: int =
 
 
 def evaluate_run(p: dict, store: ResultStore, documents: int, chunk: int, device: str, progress: bool) -> list[dict]:
-    """One trained run's (method, length) jobs through the runner; the model is loaded only when one is pending."""
+    """One trained run's (method, length) jobs through the runner (done jobs skipped); their latest records.
+
+    The held-out windows are tokenized only when a job is pending (the tiny model is always loaded)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     run = p["run"]
@@ -124,7 +126,10 @@ def evaluate_run(p: dict, store: ResultStore, documents: int, chunk: int, device
     def make_jobs(entry: MethodEntry) -> list[Job]:
         return [Job({"length": n}) for n in p["lengths"]]
 
-    def execute(method, job: Job) -> dict:
+    model = AutoModelForCausalLM.from_pretrained(p["dir"] / "model", dtype=torch.float32).to(device).eval()
+    check_head(model)
+
+    def execute(method, job: Job) -> dict:  # on the model as `apply_method` patched it
         n = job.fields["length"]
         per_doc = []
         for doc in windows():
@@ -138,17 +143,8 @@ def evaluate_run(p: dict, store: ResultStore, documents: int, chunk: int, device
     def apply_method(model, method):
         return lab_methods.apply_to(model, run["position"], method, run["train_length"], run["logn_length"])
 
-    done = store.done()
-    pending = any(job_key(p["model_key"], e.spec, params, {"length": n}) not in done
-                  for e in p["methods"] for n in p["lengths"])
-    model = None
-    if pending:
-        model = AutoModelForCausalLM.from_pretrained(p["dir"] / "model", dtype=torch.float32).to(device).eval()
-        check_head(model)
-    records = run_jobs(model, store, p["methods"], make_jobs, execute, model_key=p["model_key"], params=params, base=base,
-                       apply_method=apply_method, desc=f"lab eval {p['name']}", progress=progress)
-    del model
-    return records
+    return run_jobs(model, store, p["methods"], make_jobs, execute, model_key=p["model_key"], params=params,
+                    base=base, apply_method=apply_method, desc=f"lab eval {p['name']}", progress=progress)
 
 
 def table_from_store(out, plans) -> dict:

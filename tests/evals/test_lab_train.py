@@ -164,7 +164,8 @@ def test_training_blocks_are_drawn_from_the_whole_training_split(corpus, tokeniz
     docs = [d for d in iter_documents(str(corpus)) if d.text.strip()]
     training = [d for d in docs if not is_heldout(d.id, 4)]
     assert 0 < len(training) < len(docs)  # the corpus fixture holds both kinds
-    want = [t for d in training for t in tokenizer(d.text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]]
+    eos = tokenizer.eos_token_id
+    want = [t for d in training for t in tokenizer(d.text, add_special_tokens=False)["input_ids"] + [eos]]
     assert stream.tolist() == want
     blocks = stream[: len(stream) // 16 * 16].view(-1, 16)
     rows = torch.load(tmp_path / "run" / "tokens.pt").view(-1, 16)
