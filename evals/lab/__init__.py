@@ -8,14 +8,15 @@ how they extrapolate with every inference-time method (issue 13; Su, Transformer
 
 Files: positions.py (the position modules as transformers configurations), corpus.py
 (training and held-out text), train.py (the resumable, accelerate-driven loop),
-methods.py (which inference methods apply to which model), evaluate.py (scores, tables),
+methods.py (which inference methods apply to which model), evaluate.py (runner jobs, tables,
+paired per-seed differences),
 figures.py, cli.py (`ropelab lab train|eval`; `python -m ropelab.evals.lab`).
 """
 
-from .evaluate import evaluate, losses_and_hits
+from .evaluate import evaluate, losses_and_hits, paired
 from .methods import check_method, default_methods
 from .positions import POSITIONS, SIZES
 from .train import TrainConfig, train
 
 __all__ = ["POSITIONS", "SIZES", "TrainConfig", "check_method", "default_methods", "evaluate", "losses_and_hits",
-           "train"]
+           "paired", "train"]

@@ -51,7 +51,7 @@ def cmd_eval(args) -> int:
 
         methods = [m for text in args.methods for m in split_methods(text)]
     table = evaluate(args.runs, args.out, factors=_int_list(args.factors, "--factors"), methods=methods,
-                     documents=args.documents, progress=not args.quiet)
+                     documents=args.documents, device=args.device, progress=not args.quiet)
     print(markdown(table))
     print(f"tables and figures: {args.out}", file=sys.stderr)
     return 0
@@ -78,7 +78,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--logn-length", type=int, default=None, help="rope-logn: L0 of the log-n scale (default L/4)")
     p.add_argument("--inverse-window", type=int, default=None, help="inverse-leaky: window w (default L/4)")
     p.add_argument("--inverse-scale", type=float, default=None, help="inverse-leaky: stretch s = 1/k (default 16)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: accelerate's choice)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda (under torchrun: each process's GPU), cuda:N")
     p.add_argument("--save-every", type=int, default=50, help="steps between checkpoints")
     p.add_argument("--stop-after", type=int, default=None, help="stop after N steps, as an interruption would")
     p.add_argument("--quiet", action="store_true")
@@ -90,6 +90,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--factors", default="1,4,8,16", help="lengths as multiples of each run's training length")
     p.add_argument("--methods", action="append", help="method specs (default: every one that applies)")
     p.add_argument("--documents", type=int, default=4, help="held-out windows per run")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_eval)
     return lab

@@ -3,9 +3,13 @@ the Python standard library's own source, embedded on every machine).
 
 A document is held out when the hash of its id falls in one residue class
 (`heldout_every`: 1 in 20 by default), so the split is fixed by the corpus alone, never by
-the order or the budget. Training reads the other documents in the corpus's fixed order,
-each followed by the end-of-text token, until the token budget is met; evaluation joins
-held-out documents (a blank line between them) into windows of the length it needs.
+the order or the budget. Training samples the whole training split: every training document
+(followed by the end-of-text token) is tokenized into one stream, the stream is cut into
+blocks of the training length, and a seeded permutation picks the budget's blocks from all
+of them, so a small budget sees every part of the corpus (not its alphabetically first
+files, as reading the corpus in order would) while held-out documents stay apart.
+Evaluation joins held-out documents (a blank line between them) into windows of the length
+it needs.
 """
 
 from __future__ import annotations
@@ -26,24 +30,38 @@ def check_every(every: int) -> None:
         raise ValueError(f"heldout_every={every!r}: must be an integer >= 2 (1 document in N is held out)")
 
 
-def training_tokens(source: str, tokenizer, budget: int, heldout_every: int) -> torch.Tensor:
-    """The first `budget` tokens of the training documents (fewer when the corpus is smaller), int64."""
+def training_stream(source: str, tokenizer, heldout_every: int) -> torch.Tensor:
+    """Every training document's tokens, each followed by the end-of-text token, in the corpus's order (int64)."""
     check_every(heldout_every)
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("tokenizer.eos_token_id=None: the lab separates documents with an end-of-text token")
-    pieces, total = [], 0
-    for doc in iter_documents(source):
-        if is_heldout(doc.id, heldout_every) or not doc.text.strip():
-            continue
-        ids = tokenizer(doc.text, add_special_tokens=False)["input_ids"] + [eos]
-        pieces.append(torch.tensor(ids, dtype=torch.long))
-        total += len(ids)
-        if total >= budget:
-            break
-    if not pieces:
+    texts = [doc.text for doc in iter_documents(source)
+             if not is_heldout(doc.id, heldout_every) and doc.text.strip()]
+    if not texts:
         raise ValueError(f"data={source!r}: no training documents (every document is held out or empty)")
-    return torch.cat(pieces)[:budget]
+    pieces = []
+    for start in range(0, len(texts), 64):  # batches: the fast tokenizer's threads; Python ints kept briefly
+        rows = tokenizer(texts[start : start + 64], add_special_tokens=False)["input_ids"]
+        pieces.append(torch.tensor([t for row in rows for t in (*row, eos)], dtype=torch.long))
+    return torch.cat(pieces)
+
+
+def sample_blocks(stream: torch.Tensor, length: int, count: int, seed: int) -> torch.Tensor:
+    """`count` distinct blocks of `length` tokens drawn from all of `stream` (cut at multiples of
+    `length`) by a permutation seeded with `seed`, in that permutation's order: shape
+    (min(count, blocks), length). Fewer when the stream holds fewer blocks (then all of them)."""
+    blocks = len(stream) // length
+    if blocks < 1:
+        return stream.new_empty((0, length))
+    order = torch.randperm(blocks, generator=torch.Generator().manual_seed(seed))[:count]
+    return stream[: blocks * length].view(blocks, length)[order]
+
+
+def training_blocks(source: str, tokenizer, budget: int, length: int, heldout_every: int, seed: int) -> torch.Tensor:
+    """The budget's blocks (`budget // length` of them, fewer when the corpus is smaller), sampled
+    from the whole training split with the run's seed: shape (blocks, length), int64."""
+    return sample_blocks(training_stream(source, tokenizer, heldout_every), length, budget // length, seed)
 
 
 def heldout_documents(source: str, tokenizer, length: int, count: int, heldout_every: int) -> list[TokenizedDocument]:
@@ -70,7 +88,8 @@ def heldout_documents(source: str, tokenizer, length: int, count: int, heldout_e
 
 def train_tokenizer(source: str, vocab_size: int, heldout_every: int, max_chars: int = 8_000_000):
     """A byte-level BPE tokenizer of `vocab_size` trained on the training documents only (the
-    first `max_chars` characters of them), with one special token `<|endoftext|>`."""
+    first `max_chars` characters of them, taken in the order of a hash of their ids so they
+    span the corpus), with one special token `<|endoftext|>`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -79,13 +98,13 @@ def train_tokenizer(source: str, vocab_size: int, heldout_every: int, max_chars:
                          "(256 bytes plus merges)")
     check_every(heldout_every)
 
-    def texts():
+    def texts():  # in the order of a hash of the ids: the first max_chars come from the whole corpus
+        docs = sorted((hashlib.sha256(d.id.encode()).hexdigest(), d.text) for d in iter_documents(source)
+                      if not is_heldout(d.id, heldout_every))
         seen = 0
-        for doc in iter_documents(source):
-            if is_heldout(doc.id, heldout_every):
-                continue
-            yield doc.text
-            seen += len(doc.text)
+        for _, text in docs:
+            yield text
+            seen += len(text)
             if seen >= max_chars:
                 return
 

@@ -3,35 +3,37 @@ every inference method that applies (methods.py), ending in Su-style tables (row
 position × inference method; columns: lengths; Su, Transformer升级之路 10-13) of loss and
 per-token accuracy, and one loss/accuracy-versus-length figure per training position.
 
-Protocol (Su's): each held-out window of W = the longest length is read in one forward per
-method (every default method is prefix-consistent); the score at length N is the mean over
-the predictions of tokens 1..N-1 of the window's first N tokens, so a column N is what a
-model reading N tokens scores on average. Per-token accuracy: the share of those
-predictions whose argmax is the next token. Several runs of one position (seeds) are
-averaged per cell, with their standard deviation.
+Protocol (Su's): at length N each held-out window's first N tokens are read in one forward,
+and the score is the mean over the predictions of tokens 1..N-1, so a column N is what a
+model reading N tokens scores on average over every position. Per-token accuracy: the share
+of those predictions whose argmax is the next token. Several runs of one position (seeds)
+are averaged per cell, with their standard deviation; `paired` gives per-seed differences.
 
-Records go to OUT/lab_results.jsonl through `ropelab.evals.ResultStore` (append-only,
-resumable, keyed like the harness's jobs), so a rerun skips what is done; the per-position
-losses and hits are kept, so any table can be redrawn from the file.
+Each (trained model, inference method, length) is one job of the shared runner
+(`ropelab.evals.runner.run_jobs`) into OUT/lab_results.jsonl of the result store (kind `lab`,
+locked, append-only): a rerun skips the jobs done and retries the failed ones, and the tables
+and figures are drawn from the store's records alone (`table_from_store`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import statistics
-import time
-import traceback
 from pathlib import Path
 
 import torch
 
 from ..losses import check_head, hidden_states
-from ..results import ResultStore, job_key
+from ..results import ResultStore
+from ..runner import Job, MethodEntry, run_jobs
 from . import methods as lab_methods
 from .corpus import heldout_documents
 from .figures import length_figure
 from .positions import POSITIONS
 
+PROTOCOL = {"kind": "lab-eval", "score": "mean over the predictions of tokens 1..N-1 of each window's first N "
+                                         "tokens, one forward per window and length; accuracy = argmax hits"}
 
 
 @torch.inference_mode()
@@ -65,7 +67,7 @@ def plan(runs, factors, methods) -> list[dict]:
     """Per run: its record, lengths and validated methods. Raises before any work starts."""
     if not runs:
         raise ValueError("runs=[]: give at least one trained run folder")
-    if not factors or any(not isinstance(f, int) or f < 1 for f in factors):
+    if not factors or any(not isinstance(f, int) or isinstance(f, bool) or f < 1 for f in factors):
         raise ValueError(f"factors={factors!r}: give integers >= 1 (multiples of the training length)")
     plans = []
     for run_dir in runs:
@@ -74,8 +76,11 @@ def plan(runs, factors, methods) -> list[dict]:
         lengths = sorted({f * length for f in factors})
         specs = list(methods) if methods else lab_methods.default_methods(position, length, lengths[-1])
         checked = [lab_methods.check_method(position, spec) for spec in specs]
-        plans.append({"dir": Path(run_dir), "name": Path(run_dir).resolve().name, "run": record,
-                      "lengths": lengths, "methods": checked})
+        entries = list({m.spec(): MethodEntry(m.spec(), m) for m in checked}.values())  # canonical, deduplicated
+        name = Path(run_dir).resolve().name
+        digest = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:10]
+        plans.append({"dir": Path(run_dir), "name": name, "model_key": f"{name}@{digest}", "run": record,
+                      "lengths": lengths, "methods": entries})
     names = [p["name"] for p in plans]
     if len(set(names)) != len(names):
         raise ValueError(f"runs={names}: two run folders share a name; results are keyed by it")
@@ -83,88 +88,121 @@ def plan(runs, factors, methods) -> list[dict]:
 
 
 def evaluate(runs, out, *, factors=(1, 4, 8, 16), methods=None, documents: int = 4, chunk: int = 1024,
-             progress: bool = True) -> dict:
+             device: str = "cpu", progress: bool = True) -> dict:
     """Evaluate (or resume evaluating) trained runs; write the tables and figures; return the table."""
+    from .train import check_device
+
     plans = plan(runs, list(factors), methods)
-    if not isinstance(documents, int) or documents < 1:
+    if not isinstance(documents, int) or isinstance(documents, bool) or documents < 1:
         raise ValueError(f"documents={documents!r}: must be an integer >= 1")
+    check_device(device)
     out = Path(out)
     with ResultStore(out, "lab") as store:
-        store.begin({"kind": "lab-eval", "factors": sorted(set(factors)), "documents": documents,
-                     "score": "mean over predictions of tokens 1..N-1 of each window's first N tokens; "
-                              "accuracy = argmax hits; one forward per window of the longest length"})
-        done = store.done()
+        store.begin(PROTOCOL)  # lengths and documents are in each job's key: any may be added later
         for p in plans:
-            _evaluate_run(p, store, done, documents, chunk, progress)
-        records = store.latest()
-    table = summarise(records, {p["name"]: p["lengths"] for p in plans})
-    write_outputs(table, out)
-    return table
+            evaluate_run(p, store, documents, chunk, device, progress)
+    return table_from_store(out, plans)
 
 
-def _evaluate_run(p: dict, store: ResultStore, done: set, documents: int, chunk: int, progress: bool) -> None:
-    """Every (method, held-out window) job of one trained run that is not done yet, into `store`."""
-    from tqdm.auto import tqdm
+def evaluate_run(p: dict, store: ResultStore, documents: int, chunk: int, device: str, progress: bool) -> list[dict]:
+    """One trained run's (method, length) jobs through the runner (done jobs skipped); their latest records.
+
+    The held-out windows are tokenized only when a job is pending (the tiny model is always loaded)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     run = p["run"]
-    window = p["lengths"][-1]
-    model = AutoModelForCausalLM.from_pretrained(p["dir"] / "model", dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(p["dir"] / "model")
+    params = {"protocol": "lab-length", "documents": documents, "data": run["data"],
+              "heldout_every": run["heldout_every"]}
+    base = {"type": "lab", "run": p["name"], "position": run["position"], "seed": run["seed"],
+            "train_length": run["train_length"], "params": params}
+    state: dict = {}
+
+    def windows() -> list:
+        if "docs" not in state:
+            tokenizer = AutoTokenizer.from_pretrained(p["dir"] / "model")
+            state["docs"] = heldout_documents(run["data"], tokenizer, p["lengths"][-1], documents, run["heldout_every"])
+        return state["docs"]
+
+    def make_jobs(entry: MethodEntry) -> list[Job]:
+        return [Job({"length": n}) for n in p["lengths"]]
+
+    model = AutoModelForCausalLM.from_pretrained(p["dir"] / "model", dtype=torch.float32).to(device).eval()
     check_head(model)
-    docs = heldout_documents(run["data"], tokenizer, window, documents, run["heldout_every"])
-    params = {"protocol": "lab-position", "window": window}
-    jobs = [(m, d, job_key(p["name"], m.spec(), params, {"document": d.id, "length": window})) for m in p["methods"] for d in docs]
-    jobs = [j for j in jobs if j[2] not in done]
-    bar = tqdm(jobs, desc=f"lab eval {p['name']}", unit="job", disable=not progress)
-    for method, doc, key in bar:
-        record = {"type": "lab", "key": key, "run": p["name"], "position": run["position"], "seed": run["seed"],
-                  "train_length": run["train_length"], "method": method.spec(), "document": doc.id,
-                  "window": window}
-        try:
-            start = time.perf_counter()
-            with lab_methods.apply_to(model, run["position"], method, run["train_length"], run["logn_length"]):
-                losses, hits = losses_and_hits(model, doc.ids, chunk)
-            record.update(status="ok", seconds=time.perf_counter() - start,
-                          losses=[float(f"{x:.5g}") for x in losses.tolist()],
-                          hits="".join("1" if h else "0" for h in hits.tolist()))
-        except Exception as exc:  # recorded; the sweep goes on and retries it next time
-            record.update(status="error", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(limit=4))
-        store.append(record)
-    bar.close()
-    del model
+
+    def execute(method, job: Job) -> dict:  # on the model as `apply_method` patched it
+        n = job.fields["length"]
+        per_doc = []
+        for doc in windows():
+            losses, hits = losses_and_hits(model, doc.ids[:n], chunk)
+            per_doc.append((float(losses.double().sum()), int(hits.sum())))
+        count = (n - 1) * len(per_doc)
+        return {"loss": sum(x for x, _ in per_doc) / count, "accuracy": sum(h for _, h in per_doc) / count,
+                "predictions": count, "documents": [d.id for d in windows()],
+                "document_loss": [x / (n - 1) for x, _ in per_doc], "document_hits": [h for _, h in per_doc]}
+
+    def apply_method(model, method):
+        return lab_methods.apply_to(model, run["position"], method, run["train_length"], run["logn_length"])
+
+    return run_jobs(model, store, p["methods"], make_jobs, execute, model_key=p["model_key"], params=params,
+                    base=base, apply_method=apply_method, desc=f"lab eval {p['name']}", progress=progress)
+
+
+def table_from_store(out, plans) -> dict:
+    """The tables and figures of `plans`' runs, drawn from the store's records in `out` alone."""
+    with ResultStore(Path(out), "lab") as store:
+        records = store.merged()
+    table = summarise(records, {p["name"]: p["lengths"] for p in plans})
+    write_outputs(table, Path(out))
+    return table
+
+
+def _cells(records, lengths_of: dict) -> dict:
+    """(position, method) -> run -> length -> its successful record."""
+    cells: dict = {}
+    for r in records:
+        if r.get("type") != "lab" or r.get("status") != "ok" or r.get("length") not in lengths_of.get(r.get("run"), ()):
+            continue
+        cells.setdefault((r["position"], r["method"]), {}).setdefault(r["run"], {})[r["length"]] = r
+    return cells
 
 
 def summarise(records, lengths_of: dict) -> dict:
-    """{'rows': [{position, method, seeds, cells: {N: {loss, loss_sd, accuracy, accuracy_sd}}}], 'lengths': [...]}."""
-    per_run: dict = {}  # (position, method) -> run -> N -> [loss sum, hit sum, count]
-    train_lengths: dict = {}
-    for r in records:
-        if r.get("status") != "ok" or r.get("run") not in lengths_of:
-            continue
-        cells = per_run.setdefault((r["position"], r["method"]), {}).setdefault(r["run"], {})
-        train_lengths[r["position"]] = r["train_length"]
-        losses = r["losses"]
-        for n in lengths_of[r["run"]]:
-            acc = cells.setdefault(n, [0.0, 0, 0])
-            acc[0] += sum(losses[: n - 1])
-            acc[1] += r["hits"][: n - 1].count("1")
-            acc[2] += n - 1
+    """{'rows': [{position, method, seeds, train_length, cells: {N: {loss, loss_sd, accuracy, accuracy_sd,
+    seeds}}}], 'lengths': [...]} from the store's records of the runs in `lengths_of` (run -> lengths)."""
     rows = []
-    for (position, method), runs in per_run.items():
-        lengths = sorted({n for cells in runs.values() for n in cells})
+    for (position, method), runs in _cells(records, lengths_of).items():
+        lengths = sorted({n for by_length in runs.values() for n in by_length})
         cells = {}
         for n in lengths:
-            losses = [c[n][0] / c[n][2] for c in runs.values() if n in c]
-            accs = [c[n][1] / c[n][2] for c in runs.values() if n in c]
+            losses = [c[n]["loss"] for c in runs.values() if n in c]
+            accs = [c[n]["accuracy"] for c in runs.values() if n in c]
             cells[n] = {"loss": statistics.fmean(losses), "accuracy": statistics.fmean(accs), "seeds": len(losses),
                         "loss_sd": statistics.stdev(losses) if len(losses) > 1 else None,
                         "accuracy_sd": statistics.stdev(accs) if len(accs) > 1 else None}
-        rows.append({"position": position, "method": method, "seeds": len(runs),
-                     "train_length": train_lengths[position], "cells": cells})
+        train_length = next(iter(next(iter(runs.values())).values()))["train_length"]
+        rows.append({"position": position, "method": method, "seeds": len(runs), "train_length": train_length,
+                     "cells": cells})
     order = {p: i for i, p in enumerate(POSITIONS)}
     rows.sort(key=lambda r: order.get(r["position"], len(order)))  # stable: methods keep their order
     return {"rows": rows, "lengths": sorted({n for r in rows for n in r["cells"]})}
+
+
+def paired(records, lengths_of: dict, a: tuple[str, str], b: tuple[str, str], key: str = "loss") -> dict:
+    """Per-seed differences a - b of `key` at each length, pairing the runs of the two rows by seed.
+
+    a, b: (position, method) rows. Returns {N: {"seeds": [...], "differences": [...], "mean", "sd"}}
+    over the seeds both rows have at N (sd None for one seed).
+    """
+    cells = _cells(records, lengths_of)
+    out = {}
+    for n in sorted({n for row in (a, b) for runs in cells.get(row, {}).values() for n in runs}):
+        first, second = ({c[n]["seed"]: c[n][key] for c in cells.get(row, {}).values() if n in c} for row in (a, b))
+        seeds = sorted(set(first) & set(second))
+        if seeds:
+            diffs = [first[s] - second[s] for s in seeds]
+            out[n] = {"seeds": seeds, "differences": diffs, "mean": statistics.fmean(diffs),
+                      "sd": statistics.stdev(diffs) if len(diffs) > 1 else None}
+    return out
 
 
 def _label(row: dict) -> str:

@@ -4,15 +4,19 @@ under `torchrun` / `accelerate launch` (accelerate's `Accelerator`; gloo on CPU)
 
 A run folder holds:
   lab.json              the run (everything that changes the numbers) and, when done, its summary
-  tokens.pt             the training tokens (the budget's worth, so a resume never re-tokenizes)
+  tokens.pt             the training blocks, sampled from the whole training split (the
+                        budget's worth, so a resume never re-tokenizes)
   checkpoint/           the last checkpoint: model/ (save_pretrained), optimizer.pt, scheduler.pt,
                         state.pt (step, RNG states)
   train_log.jsonl       one line per step: step, tokens, loss, lr, seconds
   model/                the trained model and its tokenizer (save_pretrained; `ropelab eval --model`)
   loss_curve.png        the training loss
 
-Determinism: the batch of step t is a function of (seed, t) alone (blocks of `train_length`
-tokens, shuffled by a seeded permutation per pass over the data), dropout is 0, and the
+Data: the budget's blocks of `train_length` tokens are drawn by a seeded permutation from
+every block of the training split (corpus.py), so any budget samples the whole corpus.
+Determinism: the batch of step t is a function of (seed, t) alone (the sampled blocks,
+shuffled by a seeded permutation per pass over them; a step never straddles two passes, so
+its rows are distinct and data-parallel ranks take disjoint ones), dropout is 0, and the
 checkpoint holds the optimizer, scheduler and RNG states, so a resumed run computes the same
 losses as an uninterrupted one on CPU. Models trained through ropelab's attention
 (`rope-logn`, `inverse-leaky`) are patched for training and saved unpatched.
@@ -32,9 +36,11 @@ from pathlib import Path
 import torch
 
 from . import positions as pos
-from .corpus import check_every, training_tokens
+from .corpus import check_every, sample_blocks, training_stream
 
 RUN_FILE = "lab.json"
+SAMPLING = "blocks of the whole training split, seeded"  # recorded: folders of the older in-order reading differ
+SAMPLE_SEED = 2**40  # offset: the sample's permutation is not the first pass's (config_seed(seed, 0))
 
 
 @dataclass(frozen=True)
@@ -110,7 +116,8 @@ def validate(config: TrainConfig, vocab: int, memory_limit: int | None) -> pos.S
 
 
 def _record(config: TrainConfig) -> dict:
-    return {"kind": "lab-train", **dataclasses.asdict(config.resolved()), "training_method": config.training_method()}
+    return {"kind": "lab-train", **dataclasses.asdict(config.resolved()), "training_method": config.training_method(),
+            "sampling": SAMPLING}
 
 
 def check_folder(out: Path, config: TrainConfig) -> bool:
@@ -129,13 +136,18 @@ def check_folder(out: Path, config: TrainConfig) -> bool:
     return False
 
 
-def check_device(device: str | None) -> None:
-    if device is None or device == "cpu":
+def check_device(device: str) -> None:
+    """Refuse a device that is not cpu, cuda or cuda:N, or CUDA where none is available (ValueError)."""
+    if device == "cpu":
         return
-    if not device.startswith("cuda") or not (device == "cuda" or device[5:6] == ":" and device[6:].isdigit()):
+    index = device[5:] if isinstance(device, str) and device.startswith("cuda:") else None
+    if device != "cuda" and not (index and index.isdigit()):
         raise ValueError(f"device={device!r}: must be cpu, cuda or cuda:N")
     if not torch.cuda.is_available():
-        raise ValueError(f"device={device!r}: no CUDA device is available here")
+        raise ValueError(f"device={device!r}: no CUDA device is available here (torch {torch.__version__}, "
+                         f"CUDA build {torch.version.cuda}); use --device cpu")
+    if index is not None and int(index) >= torch.cuda.device_count():
+        raise ValueError(f"device={device!r}: only {torch.cuda.device_count()} CUDA devices here")
 
 
 def load_tokenizer(name: str, config: TrainConfig | None = None, out: Path | None = None):
@@ -174,13 +186,15 @@ def _schedule(config: TrainConfig):
 
 
 def batch_rows(step: int, batch_size: int, blocks: int, seed: int) -> torch.Tensor:
-    """Block indices of step `step`'s batch: pass p = (step·B) // blocks uses the permutation of seed + p."""
-    rows = []
-    for k in range(step * batch_size, (step + 1) * batch_size):
-        p, i = divmod(k, blocks)
-        perm = torch.randperm(blocks, generator=torch.Generator().manual_seed(config_seed(seed, p)))
-        rows.append(int(perm[i]))
-    return torch.tensor(rows)
+    """Block indices of step `step`'s batch: B distinct entries of the permutation of pass p.
+
+    A pass is `blocks // B` whole steps (the permutation's last `blocks % B` entries wait for a
+    later pass, which permutes anew), so no step mixes two passes: its B rows are distinct and
+    the ranks of a data-parallel run, which split them, never share a block.
+    """
+    p, s = divmod(step, blocks // batch_size)
+    perm = torch.randperm(blocks, generator=torch.Generator().manual_seed(config_seed(seed, p)))
+    return perm[s * batch_size : (s + 1) * batch_size]
 
 
 def config_seed(seed: int, data_pass: int) -> int:
@@ -230,13 +244,14 @@ def _read_log(out: Path, upto: int) -> list[dict]:
     return rows
 
 
-def train(config: TrainConfig, out, *, tokenizer=None, device: str | None = None, progress: bool = True,
+def train(config: TrainConfig, out, *, tokenizer=None, device: str = "cpu", progress: bool = True,
           save_every: int = 50, stop_after: int | None = None, memory_limit: int | None | str = "auto",
           on_finish=None) -> dict:
     """Train (or resume) the run `config` in folder `out`; return lab.json's content.
 
     tokenizer: a tokenizer object (recorded as `config.tokenizer`), else `load_tokenizer(config.tokenizer)`.
-    device: 'cpu', 'cuda', 'cuda:1', ... (default: accelerate's choice). stop_after: stop after
+    device: 'cpu' (the default), 'cuda' (under torchrun: each process's local GPU) or 'cuda:N';
+    CUDA asked for where none is available is a ValueError before anything is written. stop_after: stop after
     that many steps of this call, as an interruption would (tests, demos). memory_limit: bytes
     the training may use ('auto': MemAvailable; None: no check). on_finish: called with the
     trained model (unpatched, as saved) when training ends in this call.
@@ -259,19 +274,21 @@ def train(config: TrainConfig, out, *, tokenizer=None, device: str | None = None
     method = config.training_method()
 
     if resuming and (out / "tokens.pt").exists():
-        tokens = torch.load(out / "tokens.pt")
+        tokens = torch.load(out / "tokens.pt").view(-1, config.train_length)
     else:
-        tokens = training_tokens(config.data, tokenizer, config.tokens, config.heldout_every)
-    blocks = len(tokens) // config.train_length
-    if blocks < 1:
-        raise ValueError(f"train_length={config.train_length}: above the corpus's {len(tokens)} training tokens "
-                         f"(data={config.data!r}, 1 in {config.heldout_every} documents held out)")
+        stream = training_stream(config.data, tokenizer, config.heldout_every)
+        if len(stream) < config.train_length:
+            raise ValueError(f"train_length={config.train_length}: above the corpus's {len(stream)} training tokens "
+                             f"(data={config.data!r}, 1 in {config.heldout_every} documents held out)")
+        tokens = sample_blocks(stream, config.train_length, config.tokens // config.train_length,
+                               SAMPLE_SEED + config.seed)
+        del stream
+    blocks = len(tokens)
     if blocks < config.batch_size:
         raise ValueError(f"batch_size={config.batch_size}: the corpus has only {blocks} blocks of {config.train_length} "
                          "training tokens")
-    tokens = tokens[: blocks * config.train_length].view(blocks, config.train_length)
 
-    if device is not None and device.startswith("cuda:"):
+    if device.startswith("cuda:"):
         torch.cuda.set_device(torch.device(device))  # accelerate places a single process on the current device
     accelerator = Accelerator(cpu=device == "cpu")
     world, rank = accelerator.num_processes, accelerator.process_index

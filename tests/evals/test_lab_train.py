@@ -150,3 +150,70 @@ def test_corpus_tokenizer_is_trained_once_and_reused_on_resume(corpus, tmp_path)
     assert len(tok) == 320 and tok.eos_token == "<|endoftext|>"
     # trained on training documents only: the held-out split is the corpus's, not the tokenizer's
     assert json.loads((tmp_path / "whole" / "lab.json").read_text())["run"]["tokenizer"] == "corpus:320"
+
+
+def test_training_blocks_are_drawn_from_the_whole_training_split(corpus, tokenizer, tmp_path):
+    """tokens.pt holds distinct whole blocks of the training stream, spread over all of it, and
+    the stream is the training documents alone (held-out documents never enter it)."""
+    from ropelab.evals.data import iter_documents
+    from ropelab.evals.lab.corpus import is_heldout, training_stream
+
+    config = micro_config("rope", corpus, tokens=4 * 16 * 6)  # 24 blocks of 16 tokens
+    train(config, tmp_path / "run", tokenizer=tokenizer, progress=False, stop_after=1)
+    stream = training_stream(str(corpus), tokenizer, 4)
+    docs = [d for d in iter_documents(str(corpus)) if d.text.strip()]
+    training = [d for d in docs if not is_heldout(d.id, 4)]
+    assert 0 < len(training) < len(docs)  # the corpus fixture holds both kinds
+    eos = tokenizer.eos_token_id
+    want = [t for d in training for t in tokenizer(d.text, add_special_tokens=False)["input_ids"] + [eos]]
+    assert stream.tolist() == want
+    blocks = stream[: len(stream) // 16 * 16].view(-1, 16)
+    rows = torch.load(tmp_path / "run" / "tokens.pt").view(-1, 16)
+    assert len(rows) == 24 and len(blocks) > 4 * len(rows)  # a sample, not the whole split
+    index = {tuple(b): i for i, b in enumerate(blocks.tolist())}
+    picked = [index[tuple(r)] for r in rows.tolist()]  # KeyError: a row that is not a whole block
+    assert len(set(picked)) == 24
+    # Reading in order would take blocks 0..23; a uniform sample of 24 of them reaches the last
+    # quarter of the split and the first quarter (a miss has probability < 1e-3 per quarter).
+    assert min(picked) < len(blocks) // 4 and max(picked) >= 3 * len(blocks) // 4, picked
+
+
+def test_the_sample_is_a_function_of_the_seed(corpus, tokenizer):
+    from ropelab.evals.lab.corpus import sample_blocks, training_stream
+
+    stream = training_stream(str(corpus), tokenizer, 4)
+    a, b, c = (sample_blocks(stream, 16, 20, seed) for seed in (7, 7, 8))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    everything = sample_blocks(stream, 16, 10**9, 7)  # a budget above the split: every block once
+    assert len(everything) == len(stream) // 16 and len({tuple(r) for r in everything.tolist()}) == len(everything)
+
+
+@pytest.mark.parametrize("blocks, batch", [(10, 4), (24, 4), (7, 2)])
+def test_no_step_repeats_a_block(blocks, batch):
+    """Each step's B rows are distinct, so data-parallel ranks (which split them) never share a
+    block, also where a pass over the blocks ends inside what would be a step; every pass uses
+    distinct blocks; the rows are a function of (seed, step)."""
+    from ropelab.evals.lab.train import batch_rows
+
+    per_pass = blocks // batch
+    for p in range(3):
+        seen = []
+        for step in range(p * per_pass, (p + 1) * per_pass):
+            rows = batch_rows(step, batch, blocks, seed=3).tolist()
+            assert len(rows) == batch and len(set(rows)) == batch and all(0 <= r < blocks for r in rows)
+            assert rows == batch_rows(step, batch, blocks, seed=3).tolist()
+            seen += rows
+        assert len(set(seen)) == len(seen) == per_pass * batch
+
+
+def test_cuda_asked_where_absent_is_exit_2(corpus, tmp_path, capsys, monkeypatch):
+    """On a machine without CUDA (forced here, so the test means the same on a GPU machine)."""
+    from ropelab.evals.lab.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    args = ["train", "--position", "rope", "--size", "micro", "--data", str(corpus), "--out", str(tmp_path / "r")]
+    assert main([*args, "--device", "cuda"]) == 2
+    assert "device='cuda': no CUDA device is available here" in capsys.readouterr().err
+    assert main([*args, "--device", "gpu"]) == 2
+    assert "device='gpu': must be cpu, cuda or cuda:N" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
