@@ -361,27 +361,35 @@ def single_row(plan: Plan) -> torch.Tensor:
     g = H // Hkv
     j0 = min(part.key_start for part in plan.parts)
     bands = all(part.is_band for part in plan.parts)
-    # Bands tile [j0, S) for one row; key-range parts may leave gaps (keys no part shows).
-    logits = q.new_empty(B, Hkv, g, S - j0) if bands else q.new_full((B, Hkv, g, S - j0), _NEG_INF)
+    logits = q.new_empty(B, Hkv, g, S - j0)
+    # Bands tile [j0, S) for one row; key-range parts may leave gaps (keys no part shows),
+    # hidden after the soft-cap (which would turn -inf into -softcap).
+    held = None if bands else torch.zeros(B, 1, 1, S - j0, dtype=torch.bool, device=q.device)
     for part in plan.parts:
         qp = plan.rotated_queries(part).view(B, Hkv, g, D)
         kp = plan.rotated_keys(part)
-        span = logits[..., part.key_start - j0 : part.key_stop - j0]
+        a, b = part.key_start - j0, part.key_stop - j0
         if part.is_band:
-            torch.matmul(qp, kp.transpose(-1, -2), out=span)
+            torch.matmul(qp, kp.transpose(-1, -2), out=logits[..., a:b])
+            if held is not None:
+                held[..., a:b] = True
         else:  # this row's keys [start, stop) of the part, per sequence
             u = torch.arange(part.key_start, part.key_stop, device=q.device)
             starts, stops = part.ranges
-            inside = (u >= starts[:, -1:]) & (u < stops[:, -1:])  # (B, keys)
-            span.copy_(torch.where(inside[:, None, None, :], torch.matmul(qp, kp.transpose(-1, -2)), span))
+            inside = ((u >= starts[:, -1:]) & (u < stops[:, -1:]))[:, None, None, :]  # (B, 1, 1, keys)
+            span = logits[..., a:b]
+            span.copy_(torch.where(inside, torch.matmul(qp, kp.transpose(-1, -2)), span))
+            held[..., a:b] |= inside
         del qp, kp
     logits.mul_(plan.scale)
     if plan.softcap is not None:
         logits.div_(plan.softcap).tanh_().mul_(plan.softcap)
+    if held is not None:
+        logits.masked_fill_(~held, _NEG_INF)
     if plan.key_padding_mask is not None:
         logits.masked_fill_(~plan.key_padding_mask[:, None, None, j0:], _NEG_INF)
     probs = torch.softmax(logits, dim=-1)
-    if plan.key_padding_mask is not None:
+    if plan.key_padding_mask is not None or held is not None:
         probs.nan_to_num_(0.0)  # a row whose keys are all padding: softmax of all -inf
     return torch.matmul(probs, value[:, :, j0:]).view(B, H, 1, value.shape[-1])
 
