@@ -6,7 +6,7 @@ scale (docs/methods.md), and the kernels that apply them.
 
     >>> import ropelab
     >>> ropelab.methods()
-    ['beta-base', 'dynamic-ntk', 'inverse-leaky-rerope', 'leaky-rerope', 'linear', 'llama3', 'longrope', 'ntk', 'ntk-old', 'rerope', 'rope', 'self-extend', 'sinusoidal', 'yarn']
+    ['beta-base', 'dca', 'dynamic-ntk', 'inverse-leaky-rerope', 'leaky-rerope', 'linear', 'llama3', 'lm-infinite', 'longrope', 'ntk', 'ntk-old', 'rerope', 'rope', 'self-extend', 'sinks', 'sinusoidal', 'string', 'yarn']
     >>> m = ropelab.get_method("yarn", scale=4, train_length=4096)
     >>> round(m.frequencies(dim=128, base=1e4).attention_factor, 4)
     1.1386

@@ -3,7 +3,8 @@ composition of up to three independent parts"):
 
 1. a frequency map `θ_i -> θ'_i` plus an attention factor that multiplies cos and sin;
 2. a relative-position map `r -> r'`, computed as a near band (ordinary RoPE) and a far
-   part with mapped query/key positions (ReRoPE, Leaky ReRoPE, SelfExtend);
+   part with mapped query/key positions (ReRoPE, Leaky ReRoPE, SelfExtend), or as parts
+   with key ranges per query (DCA, STRING, LM-Infinite, sinks: rope/position_method.py);
 3. a query scale that depends only on the query's own position (log-n, Su's post-hoc
    variant: `max(1, ln(p+1)/ln L)`).
 
@@ -93,6 +94,12 @@ class Method:
     def relative(self) -> RelativeMap | None:
         return self if isinstance(self, RelativeMap) else None
 
+    @property
+    def key_range_parts(self) -> bool:
+        """True when attention is a list of parts, each a key range per query row with its own
+        rotation (dca, string, lm-infinite, sinks: `kernel_parts()`, rope/position_method.py)."""
+        return False
+
     # -- part 3: query scale -----------------------------------------------------------
     def query_scale(self, positions: torch.Tensor) -> torch.Tensor | None:
         """Per-query multiplier `max(1, ln(p+1)/ln L)` when `logn`, else None (no scaling)."""
@@ -134,7 +141,8 @@ class Method:
         """True when the method cannot be a rewrite of the rotary frequencies: a relative map,
         frequencies that follow the length (per forward or per query), or log-n's query scale.
         The patch then applies RoPE inside attention, with keys cached before RoPE."""
-        return self.relative is not None or self.length_dependent or self.per_query_frequencies or self.logn
+        return (self.relative is not None or self.key_range_parts or self.length_dependent
+                or self.per_query_frequencies or self.logn)
 
     # -- helpers -----------------------------------------------------------------------
     def required_train_length(self) -> int:

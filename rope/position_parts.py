@@ -22,7 +22,9 @@ the visible pairs of its map at the same distances (tests/rope/test_position_map
 with n = ⌊i/C⌋, C = chunk_size - local_window, cs = chunk_size. Query and key positions
 only matter through their difference, so "q at i, k at j" may be read as any common shift:
 DCA's intra part is plain RoPE over the chunk, the sinks' recent part is plain RoPE over a
-band of window + 1 keys. Kernel shapes: string's and the recent/local parts are distance
+band of window + 1 keys. `band` marks the parts that are distance bands with these
+rotations; `key_form` names the parts whose keys are rotated alike (one cached copy each).
+Kernel shapes: string's and the recent/local parts are distance
 bands (lo ≤ i - j < hi); DCA's parts are chunk-aligned rectangles and triangles (one query
 block per chunk); the global and sink parts are a fixed key prefix [0, n) seen from r ≥ hi.
 """
@@ -49,6 +51,12 @@ class Part:
     query_position: Fn  # i -> position the query is rotated at
     key_position: Fn | None  # j -> position the key is rotated at; None: not rotated
     freq_divisor: float = 1.0
+    # (lo, hi): the part is exactly the distance band lo <= i - j < hi (hi None: no upper
+    # edge), which kernels compute without per-row ranges; None: a general key range.
+    band: tuple[int, int | None] | None = None
+    # Parts whose keys are rotated alike (same key_position and freq_divisor) share one
+    # rotated copy of the keys under this name (a KV cache keeps one copy per name).
+    key_form: str | None = "near"
 
 
 def _floor(x, d):
@@ -60,33 +68,35 @@ def _dca(chunk_size, local_window):
     start = lambda i: _floor(i, C) * C  # noqa: E731  (the first key of i's chunk)
     kpos = lambda j: j - _floor(j, C) * C  # noqa: E731
     return [
-        Part("intra", start, lambda i: i + 1, lambda i: i - start(i), kpos),
-        Part("successive", lambda i: start(i) - C, start, lambda i: torch.clamp(i - start(i) + C, max=cs), kpos),
+        Part("intra", start, lambda i: i + 1, lambda i: i - start(i), kpos, key_form="chunk"),
+        Part("successive", lambda i: start(i) - C, start, lambda i: torch.clamp(i - start(i) + C, max=cs), kpos,
+             key_form="chunk"),
         Part("inter", lambda i: torch.zeros_like(i), lambda i: start(i) - C,
-             lambda i: torch.full_like(i, min(2 * C - 1, cs)), kpos),
+             lambda i: torch.full_like(i, min(2 * C - 1, cs)), kpos, key_form="chunk"),
     ]
 
 
 def _string(shift, local_window, attention_factor=None):
     S, W = shift, local_window
     return [
-        Part("near", lambda i: i - S + 1, lambda i: i + 1, lambda i: i, lambda j: j),
-        Part("shifted", lambda i: torch.zeros_like(i), lambda i: i - S + 1, lambda i: i - S + W, lambda j: j),
+        Part("near", lambda i: i - S + 1, lambda i: i + 1, lambda i: i, lambda j: j, band=(0, S)),
+        Part("shifted", lambda i: torch.zeros_like(i), lambda i: i - S + 1, lambda i: i - S + W, lambda j: j,
+             band=(S, None)),
     ]
 
 
 def _lm_infinite(n_global, n_local):
     return [
-        Part("local", lambda i: i - n_local + 1, lambda i: i + 1, lambda i: i, lambda j: j),
+        Part("local", lambda i: i - n_local + 1, lambda i: i + 1, lambda i: i, lambda j: j, band=(0, n_local)),
         Part("global", lambda i: torch.zeros_like(i), lambda i: torch.clamp(i - n_local + 1, max=n_global),
-             lambda i: torch.full_like(i, n_local), None),
+             lambda i: torch.full_like(i, n_local), None, key_form=None),
     ]
 
 
 def _sinks(sinks, window):
     cache = sinks + window
     return [
-        Part("recent", lambda i: i - window, lambda i: i + 1, lambda i: i, lambda j: j),
+        Part("recent", lambda i: i - window, lambda i: i + 1, lambda i: i, lambda j: j, band=(0, window + 1)),
         Part("sink", lambda i: torch.zeros_like(i), lambda i: torch.clamp(i - window, max=sinks),
              lambda i: torch.clamp(i, max=cache), lambda j: j),
     ]

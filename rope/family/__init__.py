@@ -2,9 +2,11 @@
 
 from . import (  # noqa: F401  (importing registers)
     beta_base,
+    dca,
     dynamic_ntk,
     inverse_leaky_rerope,
     leaky_rerope,
+    lm_infinite,
     linear,
     llama3,
     longrope,
@@ -13,6 +15,8 @@ from . import (  # noqa: F401  (importing registers)
     rerope,
     rope,
     self_extend,
+    sinks,
     sinusoidal,
+    string,
     yarn,
 )

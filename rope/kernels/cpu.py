@@ -5,7 +5,10 @@ A prefill scores about as many (query, key) pairs as plain causal attention and 
 holds a T×S matrix: the far part is one causal call on q[w:] against k[:S-w]; the band is
 cut into query chunks whose keys split into two triangles (one causal as is, one causal
 once rows and keys are reversed) and a rectangle, so it needs no mask (masks cost the
-kernel an extra pass per score); narrow bands use small per-block masks instead. Padding
+kernel an extra pass per score); narrow bands use small per-block masks instead. A part
+with key ranges per row (DCA's chunks, sink and global prefixes) is cut into row blocks
+whose ranges move together; a block is one unmasked rectangle, a rectangle plus a causal
+triangle, or one call with a block-rows × range mask (`_attend_ranges`). Padding
 enters as a (B, 1, 1, S) additive mask the kernel broadcasts, a sliding window as a second
 band edge. (Kernel: torch's `_scaled_dot_product_flash_attention_for_cpu`, after Dao
 2023, "FlashAttention-2".)
@@ -259,12 +262,96 @@ def _band_block(q, keys: _Keys, i0: int, lo: int, hi: int, scale: float, masks: 
     return out, lse
 
 
+# --------------------------------------------------------------------------------------
+# one part with a key range per row: [starts[b, t], stops[b, t])
+# --------------------------------------------------------------------------------------
+
+
+def _segments(starts: torch.Tensor, stops: torch.Tensor, most: int) -> list[tuple[int, int]]:
+    """Row blocks [t0, t1) of at most `most` rows, cut where a range edge jumps (moves by
+    anything but 0 or +1 from one row to the next: a new chunk, the end of a prefix)."""
+    n = starts.shape[0]
+    ds, de = starts[1:] - starts[:-1], stops[1:] - stops[:-1]
+    jumps = (((ds != 0) & (ds != 1)) | ((de != 0) & (de != 1))).nonzero().flatten().add(1).tolist()
+    edges = [0, *jumps, n]
+    blocks = []
+    for a, b in zip(edges[:-1], edges[1:]):
+        blocks += [(t, min(b, t + most)) for t in range(a, b, most)]
+    return blocks
+
+
+def _range_empty(lse, keys: _Keys, batch: slice, starts, stops) -> None:
+    """lse = -inf for rows whose range holds no real key (the kernel gives a hidden row 0)."""
+    if keys.pad_cum is None:
+        empty = (stops <= starts)[None, :]
+    else:
+        cum = keys.pad_cum[batch]
+        empty = (cum[:, stops] - cum[:, starts]) <= 0  # (b, rows)
+    if bool(empty.any()):
+        lse.masked_fill_(empty[:, None, :], _NEG_INF)
+
+
+def _range_block(q, keys: _Keys, batch: slice, i0: int, starts, stops, scale: float):
+    """Rows i0 … of q (sequences `batch`) over keys [starts[t], stops[t]) (host-side (n,)
+    tensors): a rectangle when every row has the same range, a rectangle plus a top-left
+    causal triangle when the ranges share a start and end at the diagonal, else one call
+    with an n × range mask."""
+    n = q.shape[2]
+    a, b = int(starts.min()), int(stops.max())
+    if b <= a:
+        out = q.new_zeros(q.shape[:3] + keys.v.shape[-1:])
+        return out, torch.full(q.shape[:3], _NEG_INF, dtype=torch.float32, device=q.device)
+    rows = torch.arange(i0, i0 + n, device=q.device)
+    same_start = bool((starts == a).all())
+
+    def pad(j0, j1):
+        p = keys.pad(j0, j1)
+        return None if p is None else p[batch]
+
+    def call(j0, j1, **kw):
+        k, v = keys.slice(j0, j1)
+        return flash_attention_lse(q, k[batch], v[batch], scale=scale, **kw)
+
+    if same_start and bool((stops == b).all()):
+        out, lse = call(a, b, attn_mask=pad(a, b))
+    elif same_start and bool((stops == rows + 1).all()) and a <= i0:
+        out, lse = call(i0, i0 + n, is_causal=True, attn_mask=pad(i0, i0 + n))
+        if a < i0:
+            o, l = call(a, i0, attn_mask=pad(a, i0))
+            lse = merge_into(out, lse, o, l)
+    else:
+        u = torch.arange(a, b, device=q.device)
+        hide = (u[None, :] < starts[:, None]) | (u[None, :] >= stops[:, None])
+        mask = torch.zeros(n, b - a, dtype=q.dtype, device=q.device).masked_fill_(hide, _NEG_INF)
+        out, lse = call(a, b, attn_mask=_combine(mask, pad(a, b)))
+    _range_empty(lse, keys, batch, starts, stops)
+    return out, lse
+
+
+def _attend_ranges(q, keys: _Keys, i0: int, ranges, scale: float):
+    """Rows i = i0 + t over keys [starts[b, t], stops[b, t]); (out (B, H, n, Dv), lse (B, H, n)).
+    Sequences with equal ranges (no padding, or equal padding) share every call."""
+    starts, stops = ranges
+    B, H, n, _ = q.shape
+    out = torch.empty(B, n, H, keys.v.shape[-1], dtype=q.dtype, device=q.device).transpose(1, 2)
+    lse = torch.empty(B, H, n, dtype=torch.promote_types(q.dtype, torch.float32), device=q.device)
+    shared = B == 1 or (bool((starts == starts[:1]).all()) and bool((stops == stops[:1]).all()))
+    batches = [slice(None)] if shared else [slice(b, b + 1) for b in range(B)]
+    for batch in batches:
+        s, e = starts[batch][0], stops[batch][0]
+        for t0, t1 in _segments(s, e, BAND.chunk_max_rows):
+            o, l = _range_block(q[batch, :, t0:t1], keys, batch, i0 + t0, s[t0:t1], e[t0:t1], scale)
+            out[batch, :, t0:t1] = o
+            lse[batch, :, t0:t1] = l
+    return out, lse
+
+
 def single_row(plan: Plan) -> torch.Tensor:
     """One query row (a decoding step) in float32/float64: every part's logits written into
     one row of keys, one softmax, one product with the values.
 
-    For one row the parts' keys are adjacent ranges ending at the last key (far [S - sw,
-    S - w), near [S - w, S)), so no merge is needed, and a plain matrix-vector product
+    For one row the parts' keys are disjoint ranges (far [S - sw, S - w), near [S - w, S);
+    a sink prefix and a recent band), so no merge is needed, and a plain matrix-vector product
     costs fewer calls than the flash kernel twice plus a merge: at decode the per-call
     overhead, not the arithmetic, is what the parts add to plain attention.
     """
@@ -273,19 +360,36 @@ def single_row(plan: Plan) -> torch.Tensor:
     Hkv, S = value.shape[1], value.shape[2]
     g = H // Hkv
     j0 = min(part.key_start for part in plan.parts)
+    bands = all(part.is_band for part in plan.parts)
     logits = q.new_empty(B, Hkv, g, S - j0)
+    # Bands tile [j0, S) for one row; key-range parts may leave gaps (keys no part shows),
+    # hidden after the soft-cap (which would turn -inf into -softcap).
+    held = None if bands else torch.zeros(B, 1, 1, S - j0, dtype=torch.bool, device=q.device)
     for part in plan.parts:
         qp = plan.rotated_queries(part).view(B, Hkv, g, D)
         kp = plan.rotated_keys(part)
-        torch.matmul(qp, kp.transpose(-1, -2), out=logits[..., part.key_start - j0 : part.key_stop - j0])
+        a, b = part.key_start - j0, part.key_stop - j0
+        if part.is_band:
+            torch.matmul(qp, kp.transpose(-1, -2), out=logits[..., a:b])
+            if held is not None:
+                held[..., a:b] = True
+        else:  # this row's keys [start, stop) of the part, per sequence
+            u = torch.arange(part.key_start, part.key_stop, device=q.device)
+            starts, stops = part.ranges
+            inside = ((u >= starts[:, -1:]) & (u < stops[:, -1:]))[:, None, None, :]  # (B, 1, 1, keys)
+            span = logits[..., a:b]
+            span.copy_(torch.where(inside, torch.matmul(qp, kp.transpose(-1, -2)), span))
+            held[..., a:b] |= inside
         del qp, kp
     logits.mul_(plan.scale)
     if plan.softcap is not None:
         logits.div_(plan.softcap).tanh_().mul_(plan.softcap)
+    if held is not None:
+        logits.masked_fill_(~held, _NEG_INF)
     if plan.key_padding_mask is not None:
         logits.masked_fill_(~plan.key_padding_mask[:, None, None, j0:], _NEG_INF)
     probs = torch.softmax(logits, dim=-1)
-    if plan.key_padding_mask is not None:
+    if plan.key_padding_mask is not None or held is not None:
         probs.nan_to_num_(0.0)  # a row whose keys are all padding: softmax of all -inf
     return torch.matmul(probs, value[:, :, j0:]).view(B, H, 1, value.shape[-1])
 
@@ -327,12 +431,23 @@ def run(plan: Plan) -> torch.Tensor:
     for part in plan.parts:
         keys = _Keys(fit(plan.rotated_keys(part)), v_all[:, :, part.key_start : part.key_stop], part.key_start,
                      pad_add, pad_cum)
-        o, l = _attend_part(fit(plan.rotated_queries(part)), keys, plan.q_first + part.first_row, part.lo,
-                            part.hi, plan.scale)
+        if part.is_band:
+            o, l = _attend_part(fit(plan.rotated_queries(part)), keys, plan.q_first + part.first_row, part.lo,
+                                part.hi, plan.scale)
+        else:
+            o, l = _attend_ranges(fit(plan.rotated_queries(part)), keys, plan.q_first + part.first_row, part.ranges,
+                                  plan.scale)
         # This part's rotated copies die here, before the next part's are built.
         del keys
+        if out is None and part.first_row == 0:
+            out, lse = o, l  # the first part covers every row (the near part always does)
+            continue
         if out is None:
-            out, lse = o, l  # the near part covers every row
-        else:
-            merge_into(out[:, :, part.first_row :], lse[:, :, part.first_row :], o, l)
+            out = q.new_zeros(B, H, T, width)
+            lse = torch.full((B, H, T), _NEG_INF, dtype=l.dtype, device=device)
+        merged = merge_into(out[:, :, part.first_row :], lse[:, :, part.first_row :], o, l)
+        if part is not plan.parts[-1]:  # a later part merges against it
+            lse[:, :, part.first_row :] = merged
+    if out is None:  # no part holds a pair (possible only for rows that see nothing)
+        out = q.new_zeros(B, H, T, width)
     return out if width == Dv else out[..., :Dv]

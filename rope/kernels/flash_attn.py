@@ -22,7 +22,9 @@ Left padding is handled per sequence by dropping the padded keys (positions are 
 in the rotations); that needs the pad counts on the host, one synchronisation per call,
 so only padded batches pay it. Any other padding takes another backend.
 
-Requires flash-attn ≥ 2.6 (`softcap`); flash-attn 3's `flash_attn_interface` has another
+Parts with a key range per row (DCA's chunks, sink and global key prefixes) are not a
+flash-attn call: such a plan is not `usable` here (auto picks FlexAttention) and asking for
+this backend by name is refused with the reason. Requires flash-attn ≥ 2.6 (`softcap`); flash-attn 3's `flash_attn_interface` has another
 signature and return convention and is refused by name (use FlexAttention instead).
 """
 
@@ -91,6 +93,7 @@ def usable(plan: Plan) -> bool:
         and q.dtype in DTYPES
         and max(q.shape[-1], v.shape[-1]) <= MAX_HEAD
         and installed()
+        and all(part.is_band for part in plan.parts)
         and (plan.key_padding_mask is None or left_pads(plan.key_padding_mask) is not None)
     )
 
@@ -128,6 +131,11 @@ def _part(q, k, v, window_left, scale, softcap):
 
 def run(plan: Plan) -> torch.Tensor:
     """(B, H, T, Dv) from the plan, one flash-attn call per part (per sequence when padded)."""
+    ranged = [part.name for part in plan.parts if not part.is_band]
+    if ranged:
+        raise ValueError(f"backend='flash-attn': parts {ranged} have a key range per query row (DCA's chunks, "
+                         "sink or global key prefixes), which flash-attn's causal/window calls cannot express; "
+                         "use backend='flex' (chosen automatically on CUDA) or 'eager'")
     check_version()
     q_all, value = plan.query, plan.value
     B, H, T, D = q_all.shape

@@ -1,5 +1,6 @@
 """The FlexAttention backend of `rotary_attention`: each part of a plan (kernels/plan.py)
-is one `flex_attention` call with a block mask for its distance band (and padding), the
+is one `flex_attention` call with a block mask for its distance band or its key ranges per
+row (and padding), the
 parts merged by the returned log-sum-exp (kernels/merge.py; a row its mask hides entirely
 comes back as out 0, lse -inf, which the merge takes as an empty part); Gemma-2 soft-capping is a
 `score_mod` (torch.nn.attention.flex_attention, torch ≥ 2.5; Dong et al. 2024, "Flex
@@ -63,18 +64,23 @@ def _mask_for(plan: Plan, part: Part, rows: int, keys: int):
 
     i0, j0, lo, hi = plan.q_first + part.first_row, part.key_start, part.lo, part.hi
     pad = plan.key_padding_mask
+    ranges = part.ranges
 
     def mask_mod(b, h, q_idx, kv_idx):
-        r = (q_idx + i0) - (kv_idx + j0)
-        keep = r >= lo
-        if hi is not None:
-            keep = keep & (r < hi)
+        if ranges is not None:  # key index in [starts, stops) of this row (causality included)
+            keep = (kv_idx + j0 >= ranges[0][b, q_idx]) & (kv_idx + j0 < ranges[1][b, q_idx])
+        else:
+            r = (q_idx + i0) - (kv_idx + j0)
+            keep = r >= lo
+            if hi is not None:
+                keep = keep & (r < hi)
         if pad is not None:
             keep = keep & pad[b, kv_idx + j0]
         return keep
 
     B = plan.query.shape[0]
-    return create_block_mask(mask_mod, B if pad is not None else None, None, rows, keys,
+    per_sequence = pad is not None or ranges is not None
+    return create_block_mask(mask_mod, B if per_sequence else None, None, rows, keys,
                              device=plan.query.device, _compile=plan.query.device.type == "cuda")
 
 
@@ -105,5 +111,7 @@ def run(plan: Plan) -> torch.Tensor:
         if out is None:
             out, lse = o, l
         else:
-            merge_into(out[:, :, part.first_row :], lse[:, :, part.first_row :], o, l)
+            merged = merge_into(out[:, :, part.first_row :], lse[:, :, part.first_row :], o, l)
+            if part is not plan.parts[-1]:  # a later part merges against it
+                lse[:, :, part.first_row :] = merged
     return out if width == Dv else out[..., :Dv]

@@ -1,19 +1,28 @@
 """The plan of one `rotary_attention` call: validated inputs and the parts of the causal
 triangle each backend computes (ReRoPE/Leaky ReRoPE: Su, "Transformer升级之路 12/13",
-kexue.fm/archives/9708 and 9728; SelfExtend: Jin et al. 2024, arXiv 2401.01325).
+kexue.fm/archives/9708 and 9728; SelfExtend: Jin et al. 2024, arXiv 2401.01325; DCA,
+STRING, LM-Infinite and attention sinks: the sources in rope/position_maps.py).
 
-A part is a band of distances lo ≤ r = i - j < hi with one rotation of queries and keys:
-the near part (r below the method's window, ordinary RoPE) and the far part (r ≥ window,
-mapped positions and frequencies θ/far_freq_divisor). The parts partition the causal
-triangle (cut further by a sliding window), so the attention over all of them is the
-merge of each part's attention by its row log-sum-exp (kernels/merge.py).
+A part is a contiguous key range per query row with one rotation of queries and keys
+(query/key position maps and a frequency divisor). Two shapes:
+
+* a distance band lo ≤ r = i - j < hi, the same for every row and sequence: the near
+  part (ordinary RoPE), the far part of a relative map, STRING's bands, the recent/local
+  windows of sinks and LM-Infinite. Backends compute bands without any mask or per-row data;
+* a general range [starts[b, t], stops[b, t]) of key indices per sequence b and query row t
+  (`Part.ranges`, (B, rows) int64 each, causality, the sliding window and key index ≥ 0
+  already applied): DCA's chunk-aligned parts, the sink and global key prefixes. They are
+  O(B·T) numbers; no T×S matrix is built.
+
+The parts of a plan are disjoint and together hold every visible pair, so the attention over
+all of them is the merge of each part's attention by its row log-sum-exp (kernels/merge.py).
 
 A plan is immutable and holds the *unrotated* inputs plus, per part, how to rotate them;
 backends rotate a part's queries and keys only when they reach it (`rotated_queries`,
 `rotated_keys`), so one part's copies can be freed before the next part's are built.
 Keys whose rotated form depends only on their own position can be handed in already
-rotated (`key_forms`, from `rotate_key_forms`): a decoding step then rotates only its
-new query rows.
+rotated (`key_forms`, from `rotate_key_forms`, one per `Rotation.key_form` name): a
+decoding step then rotates only its new query rows.
 """
 
 from __future__ import annotations
@@ -45,27 +54,43 @@ class Rotation:
     query_factor: float
     key_position: Callable[[torch.Tensor], torch.Tensor] | None
     key_factor: float
+    # The name of the rotated copy of the keys this rotation uses (parts rotating keys alike
+    # share one); None when keys are used unrotated.
+    key_form: str | None = None
 
 
 def rotations(method: Method, inv_freq: torch.Tensor, attention_factor: float, device) -> dict[str, Rotation]:
-    """The rotation of each part the method can have: "near", and "far" for a relative map."""
-    near = Rotation(frequencies_on(inv_freq, device), _identity, attention_factor, _identity, attention_factor)
+    """The rotation of each part the method can have, by part name: "near", and "far" for a
+    relative map; the parts of `method.kernel_parts()` for a key-range method."""
+    if method.key_range_parts:
+        return {spec.name: _spec_rotation(spec, inv_freq, attention_factor, device) for spec in method.kernel_parts()}
+    near = Rotation(frequencies_on(inv_freq, device), _identity, attention_factor, _identity, attention_factor, "near")
     rel = method.relative
     if rel is None:
         return {"near": near}
     far_freq = frequencies_on(inv_freq, device, rel.far_freq_divisor)
     if rel.far_keys_rotated:
-        far = Rotation(far_freq, rel.far_query_position, attention_factor, rel.far_key_position, attention_factor)
+        far = Rotation(far_freq, rel.far_query_position, attention_factor, rel.far_key_position, attention_factor,
+                       "far")
     else:  # every far key at position 0: no rotation; both factors on q
         far = Rotation(far_freq, rel.far_query_position, attention_factor**2, None, 1.0)
     return {"near": near, "far": far}
 
 
+def _spec_rotation(spec, inv_freq, attention_factor, device) -> Rotation:
+    """The rotation of one part of rope/position_parts.py."""
+    freq = frequencies_on(inv_freq, device, spec.freq_divisor)
+    if spec.key_position is None:  # keys at position 0: unrotated, both factors on q
+        return Rotation(freq, spec.query_position, attention_factor**2, None, 1.0)
+    return Rotation(freq, spec.query_position, attention_factor, spec.key_position, attention_factor, spec.key_form)
+
+
 def rotate_key_forms(method: Method, inv_freq: torch.Tensor, attention_factor: float, layout: str,
                      key: torch.Tensor, positions: torch.Tensor, tables: bool = True) -> dict[str, torch.Tensor]:
     """The rotated forms of keys (B, Hkv, n, D) at positions (B, n) that `rotary_attention`
-    takes as `key_forms`: one per part whose keys are rotated ("near"; "far" for Leaky
-    ReRoPE and SelfExtend, not ReRoPE, whose far keys are the raw keys).
+    takes as `key_forms`: one per key form name of the method's parts ("near"; "far" for
+    Leaky ReRoPE and SelfExtend, not ReRoPE, whose far keys are the raw keys; "chunk" for
+    DCA; "near" alone for STRING, LM-Infinite and sinks).
 
     Valid only for a method whose key rotations depend on the key's own position alone
     (`method.key_rotations_cacheable`); a length-dependent frequency map is refused.
@@ -75,17 +100,19 @@ def rotate_key_forms(method: Method, inv_freq: torch.Tensor, attention_factor: f
         raise ValueError(f"method={method.spec()!r}: its frequencies follow the sequence length, so a key's "
                          "rotated form changes as the sequence grows and cannot be cached")
     forms = {}
-    for name, rot in rotations(method, inv_freq, attention_factor, key.device).items():
-        if rot.key_position is not None:
-            forms[name] = rotate(key, rot.key_position(positions), rot.inv_freq, rot.key_factor, layout, key.dtype,
-                                 tables=tables)
+    for rot in rotations(method, inv_freq, attention_factor, key.device).values():
+        if rot.key_form is not None and rot.key_form not in forms:
+            forms[rot.key_form] = rotate(key, rot.key_position(positions), rot.inv_freq, rot.key_factor, layout,
+                                         key.dtype, tables=tables)
     return forms
 
 
 @dataclass(frozen=True)
 class Part:
-    """Distances lo ≤ i - j < hi (hi None: no upper edge) under one rotation. Query rows from
-    `first_row` have keys here; the keys they can see are indices [key_start, key_stop)."""
+    """Keys of each query row under one rotation: distances lo ≤ i - j < hi (hi None: no upper
+    edge) when `ranges` is None, else key indices [starts[b, t], stops[b, t]) for query row
+    first_row + t of sequence b. Query rows from `first_row` have keys here; every key they
+    can see lies in indices [key_start, key_stop)."""
 
     name: str
     lo: int
@@ -95,6 +122,11 @@ class Part:
     key_stop: int
     rotation: Rotation
     cached_keys: torch.Tensor | None  # keys [key_start, key_stop) already rotated, or None
+    ranges: tuple[torch.Tensor, torch.Tensor] | None = None  # (starts, stops), (B, T - first_row) each
+
+    @property
+    def is_band(self) -> bool:
+        return self.ranges is None
 
 
 @dataclass(frozen=True)
@@ -174,8 +206,13 @@ def build_plan(query, key, value, method, inv_freq, *, attention_factor=1.0, lay
     if key_padding_mask is not None and device.type == "cpu" and bool(key_padding_mask.all()):
         key_padding_mask = None  # (elsewhere that test would cost a host synchronisation)
 
-    def cached(name, a, b):
-        return None if key_forms is None or name not in key_forms else key_forms[name][:, :, a:b]
+    def cached(form, a, b):
+        return None if key_forms is None or form not in key_forms else key_forms[form][:, :, a:b]
+
+    if method.key_range_parts:
+        parts = _range_method_parts(method, rots, T, S, sw, query_pos, offsets, cached)
+        return Plan(query, key, value, tuple(parts), layout, query_pos, key_pos, row_scale, key_padding_mask, sw,
+                    scale, None if softcap is None else float(softcap))
 
     # Near part: only keys within near_hi of some query (decoding: the last near_hi).
     kn0 = 0 if near_hi is None else max(0, q_first - near_hi + 1)
@@ -183,9 +220,51 @@ def build_plan(query, key, value, method, inv_freq, *, attention_factor=1.0, lay
     if has_far:  # rows with i ≥ w (from tf0), keys j ≤ S-1-w (and within the sliding window)
         tf0 = max(0, w - q_first)
         kf0 = 0 if sw is None else max(0, q_first + tf0 - sw + 1)
-        parts.append(Part("far", w, sw, tf0, kf0, S - w, rots["far"], cached("far", kf0, S - w)))
+        far = rots["far"]
+        parts.append(Part("far", w, sw, tf0, kf0, S - w, far, cached(far.key_form, kf0, S - w)))
     return Plan(query, key, value, tuple(parts), layout, query_pos, key_pos, row_scale, key_padding_mask, sw,
                 scale, None if softcap is None else float(softcap))
+
+
+def _range_method_parts(method, rots, T, S, sw, query_pos, offsets, cached) -> list[Part]:
+    """The parts of a key-range method (rope/position_parts.py) on this call's keys: bands
+    as bands (cut by the sliding window), other parts as per-row key index ranges. Parts
+    that hold no pair are left out; on the CPU the rows and keys a range part can reach are
+    found exactly, elsewhere (where that would synchronise with the host) it spans them all."""
+    q_first = S - T
+    device = query_pos.device
+    parts = []
+    for spec in method.kernel_parts():
+        rot = rots[spec.name]
+        if spec.band is not None:
+            lo, hi = spec.band
+            edges = [x for x in (hi, sw) if x is not None]
+            hi = min(edges) if edges else None
+            if lo >= S or (hi is not None and hi <= lo):
+                continue  # no pair at these distances
+            if hi is not None and hi >= S:
+                hi = None
+            first = max(0, lo - q_first)
+            k0 = 0 if hi is None else max(0, q_first + first - hi + 1)
+            parts.append(Part(spec.name, lo, hi, first, k0, S - lo, rot, cached(rot.key_form, k0, S - lo)))
+            continue
+        row = torch.arange(q_first, S, device=device)[None, :]  # key index of each query row
+        starts = spec.key_start(query_pos) - offsets[:, None]  # text positions -> key indices
+        stops = torch.minimum(spec.key_stop(query_pos) - offsets[:, None], row + 1)
+        starts = starts.clamp(min=0) if sw is None else torch.maximum(starts.clamp(min=0), row - sw + 1)
+        stops = torch.maximum(stops, starts)  # an empty range stays empty
+        first, k0, k1 = 0, 0, S
+        if device.type == "cpu":  # reading CPU numbers costs no synchronisation
+            filled = stops > starts
+            rows = filled.any(0).nonzero()
+            if rows.numel() == 0:
+                continue
+            first = int(rows[0])
+            k0 = int(starts.masked_fill(~filled, S).min())
+            k1 = int(stops.max())
+        parts.append(Part(spec.name, 0, None, first, k0, k1, rot, cached(rot.key_form, k0, k1),
+                          (starts[:, first:], stops[:, first:])))
+    return parts
 
 
 def _check_forms(key_forms, rots, key) -> None:
@@ -193,9 +272,9 @@ def _check_forms(key_forms, rots, key) -> None:
         return
     if not isinstance(key_forms, Mapping):
         raise _err("key_forms", type(key_forms).__name__, "must be None or a mapping part name -> rotated keys")
-    wanted = {name for name, rot in rots.items() if rot.key_position is not None}
+    wanted = {rot.key_form for rot in rots.values() if rot.key_form is not None}
     if set(key_forms) != wanted:
-        raise _err("key_forms", sorted(key_forms), f"must hold exactly the parts {sorted(wanted)} (rotate_key_forms)")
+        raise _err("key_forms", sorted(key_forms), f"must hold exactly the forms {sorted(wanted)} (rotate_key_forms)")
     for name, form in key_forms.items():
         if not isinstance(form, torch.Tensor) or form.shape != key.shape or form.dtype != key.dtype \
                 or form.device != key.device:

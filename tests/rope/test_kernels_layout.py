@@ -92,7 +92,7 @@ def test_key_forms_are_validated():
     q, k, v = inputs(T=1, S=40)
     inv_freq = freqs(method, 16, 40)[0]
     forms = rotate_key_forms(method, inv_freq, 1.0, "half", k, torch.arange(40)[None].expand(2, 40))
-    with pytest.raises(ValueError, match=r"^key_forms=\['near'\]: must hold exactly the parts \['far', 'near'\]"):
+    with pytest.raises(ValueError, match=r"^key_forms=\['near'\]: must hold exactly the forms \['far', 'near'\]"):
         rotary_attention(q, k, v, method, inv_freq, key_forms={"near": forms["near"]})
     with pytest.raises(ValueError, match=r"^key_forms\['far'\]="):
         rotary_attention(q, k, v, method, inv_freq, key_forms={**forms, "far": forms["far"][:, :, 1:]})

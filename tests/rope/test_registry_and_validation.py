@@ -10,6 +10,7 @@ from ropelab.spec import parse_int_with_suffix
 EXPECTED = {
     "rope", "linear", "ntk", "ntk-old", "beta-base", "dynamic-ntk", "yarn", "llama3",
     "rerope", "leaky-rerope", "self-extend", "sinusoidal", "longrope", "inverse-leaky-rerope",
+    "dca", "string", "lm-infinite", "sinks",
 }  # fmt: skip
 
 

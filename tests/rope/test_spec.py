@@ -13,7 +13,7 @@ import ropelab
 from ropelab.method import spec_value
 from ropelab.spec import split_top_level
 
-INT_FIELDS = {"window", "group", "train_length"}  # validated as int: 4.0 is refused, not equal
+INT_FIELDS = {"window", "group", "train_length", "chunk_size", "local_window", "shift", "n_global", "n_local", "sinks"}  # validated as int: 4.0 is refused, not equal
 
 
 # -- each parameter once ----------------------------------------------------------------
@@ -117,12 +117,35 @@ def nested(draw):
     return None if name == "rope" and draw(st.booleans()) else ropelab.get_method(name, **draw(frequency_params(name)))
 
 
+KEY_RANGE = ["dca", "string", "lm-infinite", "sinks"]
+
+
+@st.composite
+def key_range_params(draw, name):
+    """Parameters of a key-range method that pass its rules with any train_length left out."""
+    if name == "dca":
+        lw = draw(st.integers(0, 64))
+        return draw(st.fixed_dictionaries({}, optional={"chunk_size": st.just(2 * lw + 1 + draw(st.integers(0, 99))),
+                                                       "local_window": st.just(lw)}))
+    if name == "string":
+        shift = draw(st.integers(1, 10**4))
+        optional = {"shift": st.just(shift), "local_window": st.integers(0, shift),
+                    "attention_factor": st.floats(0.5, 2)}
+        return draw(st.fixed_dictionaries({}, optional=optional))
+    if name == "lm-infinite":
+        return draw(st.fixed_dictionaries({}, optional={"n_global": st.integers(0, 100), "n_local": st.integers(1, 10**4)}))
+    window = draw(st.integers(1, 10**4))
+    return draw(st.fixed_dictionaries({}, optional={"sinks": st.integers(0, window), "window": st.just(window)}))
+
+
 @st.composite
 def method_params(draw):
     """(name, params) of any registered method, with the common fields drawn too."""
     name = draw(st.sampled_from(ropelab.methods()))
     if name in FREQUENCY_ONLY:
         params = draw(frequency_params(name))
+    elif name in KEY_RANGE:
+        params = {"frequency_method": draw(nested()), **draw(key_range_params(name))}
     else:
         params = {"frequency_method": draw(nested())}
         if name != "sinusoidal":
@@ -134,6 +157,8 @@ def method_params(draw):
         if name == "sinusoidal":
             params["base"] = draw(st.one_of(st.integers(2, 10**6), st.floats(1.5, 1e6)))
     common = {"train_length": st.one_of(st.none(), ints), "logn": st.booleans()}
+    if name in KEY_RANGE:  # a training length would put the drawn parameters under its rules
+        common = {"logn": st.booleans()}
     return name, {**params, **draw(st.fixed_dictionaries({}, optional=common))}
 
 
