@@ -50,7 +50,7 @@ def check_method(position: str, spec: str) -> ropelab.Method:
                              f"{AS_TRAINED_SPEC!r} (the model as trained) applies")
         return method
     if position == "sinusoidal":
-        if method.relative is not None or method.logn or method.length_dependent or method.per_query_frequencies:
+        if method.needs_attention_route:
             raise ValueError(f"method={spec!r}: needs rotary positions inside attention; a sinusoidal model takes "
                              "frequency maps only (rope, linear, ntk, ntk-old, beta-base, yarn, llama3)")
         return method

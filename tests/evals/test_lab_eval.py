@@ -84,6 +84,8 @@ def test_table_cells_match_the_models_own_logits(runs, tokenizer, tmp_path):
         ("learned", "ntk:scale=2", "a 'learned' model has no rotary positions to change"),
         ("sinusoidal", "rerope:window=8", "needs rotary positions inside attention"),
         ("sinusoidal", "rope:logn=true", "needs rotary positions inside attention"),
+        ("sinusoidal", "sinks", "needs rotary positions inside attention"),  # key-range parts, no relative map
+        ("sinusoidal", "dca", "needs rotary positions inside attention"),
     ],
 )
 def test_methods_needing_rotary_positions_are_refused(runs, position, method, message, tmp_path):
