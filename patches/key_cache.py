@@ -25,7 +25,9 @@ that sequence index, so they stay aligned with whatever slice a layer returns:
 - QuantizedLayer (quanto, HQQ): the residual keys are re-quantised together with all
   others whenever the residual fills (every `residual_length` steps), which changes
   their dequantised values; the forms are rebuilt from the returned keys on the step
-  after each such flush (one full rotation per `residual_length` steps).
+  after each such flush (one full rotation per `residual_length` steps) and after a beam
+  reordering (transformers 5.17 reorders only the residual keys, 5.2x all of them; the
+  rebuild follows whichever the layer does).
 Other layer types (linear attention, indexed layers, offloaded ones) are not read: their
 keys pass through as returned and are rotated per call.
 
@@ -117,6 +119,9 @@ class LayerState:
 
     forms: KeyForms | None = None
     written: int | None = None
+    # a quantised layer: its beam reordering of the quantised keys differs between
+    # transformers releases (5.17 reorders only the residual), so a reorder rebuilds
+    rebuild_on_reorder: bool = False
 
 
 @dataclass(frozen=True)
@@ -170,6 +175,7 @@ def _quantized(layer, state, key, new):
     S = key.shape[2]
     if layer.cumulative_length != S:
         return None
+    state.rebuild_on_reorder = True
     return Visible(0, S, 0, stale_after=S == new or layer.keys.numel() == 0)
 
 
@@ -231,7 +237,9 @@ def _after_update(state: LayerState, layer, key_states, *args, **kwargs):
 
 
 def _after_reorder(state: LayerState, layer, beam_idx, *args, **kwargs):
-    if state.forms is not None:
+    if state.forms is not None and state.rebuild_on_reorder:
+        state.forms.stale = True
+    elif state.forms is not None:
         state.forms.map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
 
