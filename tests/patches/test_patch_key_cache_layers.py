@@ -14,6 +14,7 @@ import torch
 from transformers import DynamicCache, StaticCache
 from transformers import cache_utils as cu
 
+import ropelab.kernels.plan as plan
 import ropelab.patches as P
 from ropelab.patches.key_cache import kept_forms
 from tiny_models import WINDOW, build, left_pad, logits, tokens
@@ -38,28 +39,34 @@ def _batch():
     return left_pad([tokens(30, seed=2)[0], tokens(21, seed=3)[0]])[:2]
 
 
-# family -> layer types: llama (full), mistral (all sliding), gemma2 (sliding and full)
+# family -> layer types: mistral (sliding: DynamicSlidingWindowLayer), gemma2 under a
+# StaticCache (layer 0 StaticSlidingWindowLayer, layer 1 StaticLayer)
 CACHES = {
-    "dynamic-sliding": ("mistral", lambda m: DynamicCache(config=m.config)),
-    "static": ("llama", lambda m: StaticCache(config=m.config, max_cache_len=40)),
-    "static-sliding": ("mistral", lambda m: StaticCache(config=m.config, max_cache_len=40)),
-    "static-mixed": ("gemma2", lambda m: StaticCache(config=m.config, max_cache_len=40)),
+    "dynamic-sliding": ("mistral", lambda m: DynamicCache(config=m.config),
+                        ["DynamicSlidingWindowLayer", "DynamicSlidingWindowLayer"]),
+    "static": ("gemma2", lambda m: StaticCache(config=m.config, max_cache_len=40),
+               ["StaticSlidingWindowLayer", "StaticLayer"]),
 }
 
 
 @pytest.mark.parametrize("kind", list(CACHES))
 @pytest.mark.parametrize("spec", SPECS)
-def test_cached_decode_equals_prefill_on_each_layer_type(kind, spec):
-    family, make = CACHES[kind]
+def test_cached_decode_equals_prefill_on_each_layer_type(monkeypatch, kind, spec):
+    family, make, layer_types = CACHES[kind]
     model = build(family)
     ids, mask = _batch()
     with P.patched(model, spec):
         full = logits(model, ids, attention_mask=mask)
         # prefill 5 < WINDOW, so the sliding layers fill, then slide, within the decode
         cache = make(model)
-        decoded = _decode(model, ids, mask, cache, prefill=5)
+        assert [type(layer).__name__ for layer in cache.layers] == layer_types
+        steps = [_step(model, ids[:, :5], cache, mask[:, :5])]
+        rotated, original = [], plan.rotate
+        monkeypatch.setattr(plan, "rotate", lambda x, *a, **k: rotated.append(x.shape[2]) or original(x, *a, **k))
+        steps += [_step(model, ids[:, t : t + 1], cache, mask[:, : t + 1]) for t in range(5, ids.shape[1])]
+    assert rotated and set(rotated) == {1}  # each decode step rotates its query and key rows only
     assert all(kept_forms(layer) is not None for layer in cache.layers)
-    torch.testing.assert_close(decoded, full, atol=ATOL, rtol=0)
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=ATOL, rtol=0)
 
 
 def test_sliding_layers_keep_only_the_forms_of_keys_they_keep():
@@ -74,9 +81,8 @@ def test_sliding_layers_keep_only_the_forms_of_keys_they_keep():
     assert forms.view()["near"].shape[2] == cache.layers[0].keys.shape[2] == WINDOW - 1
 
 
-@pytest.mark.parametrize("spec", SPECS)
-@pytest.mark.parametrize("implementation", ["static", "dynamic"])
-def test_beam_search_on_sliding_and_static_layers(spec, implementation):
+@pytest.mark.parametrize("implementation,spec", [("static", s) for s in SPECS] + [("dynamic", SPECS[2])])
+def test_beam_search_on_sliding_and_static_layers(implementation, spec):
     model = build("gemma2")  # one sliding layer, one full
     ids, mask, _ = left_pad([tokens(16, seed=2)[0], tokens(11, seed=3)[0]])
     kwargs = dict(max_new_tokens=8, do_sample=False, num_beams=3, pad_token_id=0, attention_mask=mask)
