@@ -87,9 +87,11 @@ class KeyForms:
         n = next(iter(forms.values())).shape[2]
         live = self.stop - self.first
         if self.lo + live + n > next(iter(self.buffers.values())).shape[2]:
-            # move the live rows to fresh buffers with a quarter to spare: a growing cache
-            # copies its forms once every length/4 steps, a sliding one once every window/4
-            size = live + n + (live + n) // 4 + 1
+            # move the live rows to fresh buffers with a sixteenth to spare: a growing cache
+            # copies its forms once every length/16 steps (16 rows a step on average, against
+            # the 2·length rows DynamicLayer's own torch.cat copies every step), a sliding one
+            # once every window/16 steps
+            size = live + n + (live + n) // 16 + 1
             self.buffers = {name: _moved(buf, self.lo, live, size) for name, buf in self.buffers.items()}
             self.lo = 0
         for name, new in forms.items():
