@@ -4,6 +4,12 @@ KV-cache memory.
 
     python benchmarks/bench_decode.py                    # 8k context, 5 rounds of 16 steps
     python benchmarks/bench_decode.py --context 4096 --rounds 7 --steps 32
+    python benchmarks/bench_decode.py --key-cache kept,lean   # both modes, interleaved
+
+`--key-cache` (patch(..., key_cache=...)): "kept" keeps each cached key's rotated forms
+with the cache (a step rotates its new key only), "lean" keeps none (every key rotated in
+each call, cache memory 1.0×). With both, each patched method runs in each mode as its own
+entry, every round visiting all entries in turn.
 
 Each method gets its own cache of `--context` tokens, filled with random keys and values
 of the model's shapes (the default: a decode step's cost does not depend on the cached
@@ -33,14 +39,14 @@ METHODS = ["none", "ntk:scale=2", "rerope:window=4096", "leaky-rerope:window=204
 
 def cache_bytes(cache) -> tuple[int, int]:
     """(keys + values bytes, rotated-key-form bytes) over the cache's layers."""
-    from ropelab.patches.key_cache import ATTRIBUTE
+    from ropelab.patches.key_cache import kept_forms
 
     kv = forms = 0
     for layer in cache.layers:
         kv += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
-        kept = layer.__dict__.get(ATTRIBUTE)
-        if kept is not None:
-            forms += sum(t.numel() * t.element_size() for t in kept.view().values())
+        kept = kept_forms(layer)
+        if kept is not None:  # the buffers as allocated, spare rows included
+            forms += kept.nbytes()
     return kv, forms
 
 
@@ -52,7 +58,12 @@ def main() -> None:
     parser.add_argument("--methods", default=";".join(METHODS))
     parser.add_argument("--prefill", action="store_true", help="fill each cache by a real prefill")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--key-cache", default="kept", help="'kept', 'lean' or 'kept,lean' (both, interleaved)")
     args = parser.parse_args()
+    modes = [m for m in args.key_cache.split(",") if m]
+    for mode in modes:
+        if mode not in ("kept", "lean"):
+            parser.error(f"--key-cache={args.key_cache!r}: each mode must be 'kept' or 'lean'")
 
     import torch
     from transformers import DynamicCache
@@ -64,7 +75,14 @@ def main() -> None:
     model, _ = ropelab.load_default_model("smollm2-135m")
     ids = torch.randint(0, model.config.vocab_size, (1, args.context + args.steps + 1),
                         generator=torch.Generator().manual_seed(1))
-    methods = [m for m in args.methods.split(";") if m]
+    # entries: (label, method, key_cache mode); the unpatched model once
+    entries = []
+    for method in (m for m in args.methods.split(";") if m):
+        for mode in ([None] if method == "none" else modes):
+            label = method if mode is None or len(modes) == 1 else f"{method} [{mode}]"
+            entries.append((label, method, mode))
+    methods = [label for label, _, _ in entries]
+    spec = {label: (method, mode) for label, method, mode in entries}
     caches = {}
     rounds: dict[str, list[float]] = {m: [] for m in methods}
     with torch.inference_mode():
@@ -78,7 +96,8 @@ def main() -> None:
                     kv = torch.randn(2, 1, heads, args.context, dim, generator=g).to(param.dtype)
                     caches[method].update(kv[0], kv[1], layer)
                 continue
-            handle = None if method == "none" else ropelab.patch(model, method)
+            handle = None if spec[method][0] == "none" else ropelab.patch(model, spec[method][0],
+                                                                          key_cache=spec[method][1])
             try:
                 model(ids[:, : args.context], past_key_values=caches[method], use_cache=True, logits_to_keep=1)
             finally:
@@ -87,7 +106,8 @@ def main() -> None:
             print(f"prefilled {method}", file=sys.stderr, flush=True)
         for round_ in range(args.rounds):
             for method in methods:
-                handle = None if method == "none" else ropelab.patch(model, method)
+                handle = None if spec[method][0] == "none" else ropelab.patch(model, spec[method][0],
+                                                                              key_cache=spec[method][1])
                 cache, steps = caches[method], []
                 try:
                     model(ids[:, args.context : args.context + 1], past_key_values=cache, use_cache=True)  # warm-up

@@ -12,7 +12,8 @@ changes a patch made, each with its revert), routes/ (one module per route, each
 model_facts.py (the family table: attention class, layout, own dispatch, logits transform;
 the training-length rule), architectures.py (finding a model's rotary and attention modules),
 attention_fn.py (the attention function registered with transformers for relative, dynamic
-and log-n methods), falcon.py (Falcon's own attention dispatch), xglm.py (frequency maps on
+and log-n methods), key_cache.py (which keys a cache layer hands attention; rotated keys kept
+with the cache, `patch(..., key_cache="kept" | "lean")`), falcon.py (Falcon's own attention dispatch), xglm.py (frequency maps on
 XGLM's sinusoidal table), loading.py (the embedded offline models).
 """
 

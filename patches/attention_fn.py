@@ -64,6 +64,7 @@ class Route:
     inv_freq: torch.Tensor | None  # (dim/2,) float64; None when frequencies follow a length
     attention_factor: float
     positions: PositionState
+    key_cache: str = "kept"  # "kept": rotated keys kept on the cache layer; "lean": rotated per call
     calls: int = 0
     # the KV cache of the current forward (weakly: a dropped cache must be freed), or None
     cache: weakref.ref | None = None
@@ -113,11 +114,16 @@ def ropelab_attention(module, query, key, value, attention_mask, scaling=None, d
         raise NotImplementedError(
             f"attention_mask of shape {tuple(attention_mask.shape)}: a patched model takes the 2D padding mask (B, S) only"
         )
+    layer = _cache_layer(module, route, key, query.shape[2])
+    if layer is not None and layer[1].count != key.shape[2]:  # a static layer's buffer: its written rows only
+        count = layer[1].count
+        key, value = key[:, :, :count], value[:, :, :count]
+        attention_mask = None if attention_mask is None else attention_mask[:, :count]
     batch, key_length = query.shape[0], key.shape[2]
     if attention_mask is not None and attention_mask.shape[-1] != key_length:
         raise NotImplementedError(
             f"padding mask covers {attention_mask.shape[-1]} keys but the cache returned {key_length}: "
-            "static caches are not supported by the ropelab attention; use the default DynamicCache"
+            "a cache layer type the ropelab attention does not read (patches/key_cache.py); use DynamicCache"
         )
     positions = position_ids if position_ids is not None else route.positions.position_ids
     if positions is None:
@@ -125,7 +131,7 @@ def ropelab_attention(module, query, key, value, attention_mask, scaling=None, d
     last = positions[:, -1].to(device=query.device, dtype=torch.long).expand(batch)  # (B,) position of the last query
     offset = last - (key_length - 1)  # (B,) position of key index 0
 
-    forms = _key_forms(module, route, query, key, offset)
+    forms = None if layer is None else _key_forms(route, *layer, query, key, offset)
 
     def run(seq_len, rows=slice(None), queries=slice(None), keys=slice(None)):
         """Attention of sequences `rows`, query rows `queries` over key indices `keys` (a
@@ -168,14 +174,19 @@ def ropelab_attention(module, query, key, value, attention_mask, scaling=None, d
     return out.transpose(1, 2).contiguous(), None
 
 
-def _key_forms(module, route: Route, query, key, offset) -> dict | None:
-    """The rotated forms of every key, kept on the cache layer (patches/key_cache.py), or
-    None when there is no cache to keep them on or the method's forms cannot be cached."""
+def _cache_layer(module, route: Route, key, new: int):
+    """(layer, key_cache.Visible) of the cache layer that returned `key`, or None without a
+    cache or for a layer type key_cache does not read."""
     cache = None if route.cache is None else route.cache()
-    if cache is None or route.inv_freq is None or not route.method.key_rotations_cacheable:
+    if cache is None:
         return None
-    layer = key_cache.cacheable_layer(cache, getattr(module, "layer_idx", None), key)
-    if layer is None:
+    return key_cache.visible_keys(cache, getattr(module, "layer_idx", None), key, new)
+
+
+def _key_forms(route: Route, layer, seen: key_cache.Visible, query, key, offset) -> dict | None:
+    """The rotated forms of every key, kept on the cache layer (patches/key_cache.py), or
+    None in lean mode or when the method's forms cannot be cached."""
+    if route.key_cache != "kept" or route.inv_freq is None or not route.method.key_rotations_cacheable:
         return None
     device = key.device
 
@@ -183,7 +194,7 @@ def _key_forms(module, route: Route, query, key, offset) -> dict | None:
         positions = torch.arange(index.start, index.stop, device=device)[None, :] + offset[:, None]
         return rotate_key_forms(route.method, route.inv_freq, route.attention_factor, route.layout, keys, positions)
 
-    return key_cache.key_forms_for(layer, key, query.shape[2], rotate)
+    return key_cache.key_forms_for(layer, seen, key, query.shape[2], rotate)
 
 
 def capture_cache(attention: nn.Module, route: Route):

@@ -27,6 +27,7 @@ from ..spec import parse_method
 from . import architectures as arch
 from . import routes
 from .changes import Changes
+from .key_cache import check_mode as check_key_cache
 from .routes.probe import probe_device  # noqa: F401  (public: evals send inputs there)
 
 # model -> its active handle. Weak, so patching never keeps a model alive.
@@ -100,14 +101,19 @@ def resolve_method(method: Method | str | None, params: dict) -> Method:
     return parse_method(method, **params)
 
 
-def patch(model: nn.Module, method: Method | str | None = None, **params) -> PatchHandle:
-    """Apply `method` (a Method, a name with `params`, or a spec 'name:key=value,...') to `model`."""
+def patch(model: nn.Module, method: Method | str | None = None, *, key_cache: str = "kept", **params) -> PatchHandle:
+    """Apply `method` (a Method, a name with `params`, or a spec 'name:key=value,...') to `model`.
+
+    `key_cache` (methods that rotate inside attention; patches/key_cache.py): "kept" keeps
+    each cached key's rotated forms with the KV cache, so a decoding step rotates only its
+    new key; "lean" keeps no copies and rotates every cached key in each call."""
     # 1. resolve, validate and plan; nothing is touched yet
     arch.check_transformers_version()
+    check_key_cache(key_cache)
     if model in _ACTIVE:
         raise RuntimeError(f"model is already patched: {_ACTIVE[model].describe()}; call its undo() first")
     method = resolve_method(method, params)
-    handle = PatchHandle(model, routes.plan_for(model, method))
+    handle = PatchHandle(model, routes.plan_for(model, method, key_cache=key_cache))
     # 2. apply (each change recorded), 3. verify; on any failure revert what was recorded
     try:
         handle.plan.apply(handle.changes)
@@ -122,9 +128,10 @@ def patch(model: nn.Module, method: Method | str | None = None, **params) -> Pat
 
 
 @contextlib.contextmanager
-def patched(model: nn.Module, method: Method | str | None = None, **params) -> Iterator[PatchHandle]:
+def patched(model: nn.Module, method: Method | str | None = None, *, key_cache: str = "kept",
+            **params) -> Iterator[PatchHandle]:
     """`with patched(model, "ntk", scale=2): ...` patches for the block and undoes after it."""
-    handle = patch(model, method, **params)
+    handle = patch(model, method, key_cache=key_cache, **params)
     try:
         yield handle
     finally:

@@ -22,14 +22,16 @@ from .plan import Plan
 __all__ = ["Plan", "plan_for"]
 
 
-def plan_for(model: nn.Module, method: Method) -> Plan:
+def plan_for(model: nn.Module, method: Method, key_cache: str = "kept") -> Plan:
     """The plan that applies `method` to `model`; raises (ValueError for the method,
-    NotImplementedError for the model) before anything is touched."""
+    NotImplementedError for the model) before anything is touched. `key_cache` ("kept" or
+    "lean") matters to the attention route only: the others rotate no keys in attention."""
     model_type, family = arch.family_of(model)
     if family.positions == "sinusoidal":
         return sinusoidal.plan(model, method, model_type, family)
     if method.name == "sinusoidal":
         raise ValueError(f"method='sinusoidal': applies to sinusoidal-position models, not rotary ones "
                          f"({type(model).__name__}); use a frequency method such as 'ntk'")
-    route = attention if method.needs_attention_route else frequencies
-    return route.plan(model, method, model_type, family)
+    if method.needs_attention_route:
+        return attention.plan(model, method, model_type, family, key_cache=key_cache)
+    return frequencies.plan(model, method, model_type, family)

@@ -21,7 +21,7 @@ from .plan import Plan
 from .probe import probe
 
 
-def plan(model: nn.Module, method: Method, model_type: str, family: arch.Family) -> Plan:
+def plan(model: nn.Module, method: Method, model_type: str, family: arch.Family, key_cache: str = "kept") -> Plan:
     sites = arch.find_rotary_sites(model)
     attentions = arch.find_attention_layers(model, family)
     positions = afn.PositionState()
@@ -37,7 +37,7 @@ def plan(model: nn.Module, method: Method, model_type: str, family: arch.Family)
         freq = m.frequencies(site.dim, site.base, site.train_length)  # validates now, for dynamic too
         static = not (m.length_dependent or m.per_query_frequencies)  # else frequencies per length, in the call
         routes[attention] = afn.Route(m, family.layout, site.dim, site.base, freq.inv_freq if static else None,
-                                      float(freq.attention_factor), positions)
+                                      float(freq.attention_factor), positions, key_cache=key_cache)
     # a family that needs more than the dispatch switch has its own file with `route_attention`
     # (Falcon computes attention itself; Qwen2-MoE's window must be passed on)
     own = importlib.import_module(f"{__package__.rsplit('.', 1)[0]}.{family.module}") if family.module else None
@@ -66,5 +66,6 @@ def plan(model: nn.Module, method: Method, model_type: str, family: arch.Family)
             raise RuntimeError(f"patch check: attention layers {skipped} did not go through the ropelab attention; "
                                f"the model does not dispatch on config._attn_implementation")
 
-    where = f"{afn.NAME!r} attention function, rotary returns identity, KV cache holds keys before RoPE"
+    where = (f"{afn.NAME!r} attention function, rotary returns identity, KV cache holds keys before RoPE"
+             f" (rotated keys: {'kept with the cache' if key_cache == 'kept' else 'per call, none kept'})")
     return Plan("attention", model_type, sites[0].method_for(method), apply, check, where, sites)

@@ -13,7 +13,7 @@ from transformers import DynamicCache
 import ropelab
 import ropelab.kernels.plan as plan
 import ropelab.patches as P
-from ropelab.patches.key_cache import ATTRIBUTE
+from ropelab.patches.key_cache import kept_forms
 from tiny_models import build, left_pad, logits, tokens
 
 ATOL = 1e-5
@@ -39,7 +39,7 @@ def test_decode_step_rotates_only_new_rows(monkeypatch, spec):
         for t in range(28, 40):
             steps.append(_step(model, ids[:, t : t + 1], cache))
     assert rotated and set(rotated) == {1}  # new query rows and the new key only
-    assert all(ATTRIBUTE in layer.__dict__ for layer in cache.layers)
+    assert all(kept_forms(layer) is not None for layer in cache.layers)
     torch.testing.assert_close(torch.cat(steps, 1), expected, atol=ATOL, rtol=0)
 
 
@@ -50,8 +50,8 @@ def test_kept_forms_cost_one_key_copy_per_rotated_part():
             cache = DynamicCache(config=model.config)
             _step(model, ids, cache)
         layer = cache.layers[0]
-        assert set(layer.__dict__[ATTRIBUTE].view()) == ({"near"} if copies == 1 else {"near", "far"})
-        kept = layer.__dict__[ATTRIBUTE].nbytes()
+        assert set(kept_forms(layer).view()) == ({"near"} if copies == 1 else {"near", "far"})
+        kept = kept_forms(layer).nbytes()
         assert kept == copies * layer.keys.numel() * layer.keys.element_size()
 
 
@@ -60,7 +60,7 @@ def test_length_dependent_frequencies_are_not_kept_and_say_so():
     with P.patched(model, "dynamic-ntk:scale=2") as handle:
         cache = DynamicCache(config=model.config)
         _step(model, ids, cache)
-        assert ATTRIBUTE not in cache.layers[0].__dict__
+        assert kept_forms(cache.layers[0]) is None
         with pytest.raises(ValueError, match="^method='dynamic-ntk:.*cannot be cached"):
             plan.rotate_key_forms(handle.method, torch.ones(8, dtype=torch.float64), 1.0, "half",
                                   torch.zeros(1, 2, 3, 16), torch.zeros(1, 3, dtype=torch.long))
