@@ -14,7 +14,9 @@ sources", gives the evidence behind every rule:
   with w + (N-1-w)/k ≤ L/2 (Su, Transformer升级之路 13);
 - self-extend: W = min(1024, L/4) and the smallest G with (L-W)·G + W ≥ N (datamllab/LongLM
   README, "How to choose the group_size and neighbor_window");
-- sinusoidal (XGLM only): NTK base change of the table's frequencies, s = N/L.
+- sinusoidal (XGLM only): NTK base change of the table's frequencies, s = N/L;
+- dca, string, lm-infinite, sinks: their authors' settings for L, whatever N
+  (`ropelab.position_maps.default_params`).
 
 These are where to start, not tuned values: measure before trusting any of them.
 
@@ -31,6 +33,7 @@ from typing import NamedTuple
 
 import ropelab
 from ropelab.frequencies import yarn_default_attention_factor, yarn_ramp_bounds
+from ropelab.position_maps import default_params
 from ropelab.spec import parse_int_with_suffix
 
 DEFAULT_MODEL_NAMES = ("smollm2-135m", "gemma3-270m")
@@ -149,10 +152,36 @@ def suggest(train_length: int, target_length: int, head_dim: int, base: float) -
                    f"for Llama-2); the smallest G with (L-W)·G + W ≥ N: ({L}-{se_w})·{group} + {se_w} = "
                    f"{(L - se_w) * group + se_w} ≥ {N}; larger G is sometimes better{group_note}",
                    "Jin et al. 2024, SelfExtend (arXiv 2401.01325); datamllab/LongLM README"),
+        *_key_range_suggestions(L),
         Suggestion(_spec("sinusoidal", frequency_method=ropelab.get_method("ntk", scale=s)),
                    f"sinusoidal-position models only (XGLM): the NTK base change on the table's frequencies, {ratio}",
                    "Vaswani et al. 2017 (the table); bloc97 2023 (the base change)"),
     ]
+
+
+# The chunked, shifted and masked methods: their authors' settings for a model trained at L,
+# which do not depend on N (ropelab.position_maps.default_params;
+# docs/methods.md, "Chunked, shifted and masked methods").
+KEY_RANGE_RULES = {
+    "dca": ("chunk size 3L/4 and local window L/8, the ChunkLlama defaults; any N",
+            "An et al. 2024, Dual Chunk Attention (arXiv 2402.17463); HKUNLP/ChunkLlama"),
+    "string": ("shift ⌊0.33·L⌋ and local window min(128, shift), STRING's defaults; any N",
+               "An et al. 2024, STRING (arXiv 2410.18745); HKUNLP/STRING"),
+    "lm-infinite": ("10 global tokens and a local window of L, LM-Infinite's Λ-shaped mask; any N",
+                    "Han et al. 2023, LM-Infinite (arXiv 2308.16137)"),
+    "sinks": ("4 sink tokens and a recent window of min(2000, L-4), StreamingLLM's setting; any N",
+              "Xiao et al. 2023, StreamingLLM (arXiv 2309.17453)"),
+}
+
+
+def _key_range_suggestions(train_length: int) -> list[Suggestion]:
+    out = []
+    for name, (rule, source) in KEY_RANGE_RULES.items():
+        params = default_params(name, train_length)
+        shown = ", ".join(f"{key} = {value:g}" if isinstance(value, float) else f"{key} = {value}"
+                          for key, value in params.items())
+        out.append(Suggestion(_spec(name, **params), f"{rule}: {shown}", source))
+    return out
 
 
 # -- the model's numbers, without its weights --------------------------------------------

@@ -84,7 +84,11 @@ def test_known_values_for_the_default_model_at_twice_its_length():
     expected = ["rope", "linear:scale=2", "ntk:scale=2", "ntk-old:scale=2", "beta-base:scale=2",
                 "dynamic-ntk:scale=1", "yarn:scale=2", "llama3:scale=2", "rerope:window=4096",
                 "rerope:window=4096,logn=true", "leaky-rerope:window=2048,scale=16",
-                "self-extend:window=1024,group=3", "sinusoidal:frequency_method=ntk(scale=2)"]
+                "self-extend:window=1024,group=3",
+                # the authors' settings at L = 8192: 3L/4 and L/8; ⌊0.33·8192⌋ = 2703; L; min(2000, L-4)
+                "dca:chunk_size=6144,local_window=1024", "string:shift=2703,local_window=128",
+                "lm-infinite:n_global=10,n_local=8192", "sinks:sinks=4,window=2000",
+                "sinusoidal:frequency_method=ntk(scale=2)"]
     assert [ropelab.parse_method(s) for s in specs] == [ropelab.parse_method(s) for s in expected]
     yarn_rule = next(i.rule for i in suggest(8192, 16384, 64, 1e5) if i.spec.startswith("yarn"))
     low, high = ropelab.frequencies.yarn_ramp_bounds(64, 1e5, 8192, 32, 1)

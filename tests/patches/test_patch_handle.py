@@ -137,11 +137,11 @@ def test_failure_during_the_check_rolls_back(monkeypatch, spec):
     before = snapshot(model)
     plan_for = R.plan_for
 
-    def failing_check(model, method):
+    def failing_check(model, method, **options):
         def fail():
             raise RuntimeError("injected")
 
-        return dataclasses.replace(plan_for(model, method), check=fail)
+        return dataclasses.replace(plan_for(model, method, **options), check=fail)
 
     monkeypatch.setattr(R, "plan_for", failing_check)
     with pytest.raises(RuntimeError, match="injected"):
