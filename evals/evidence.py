@@ -117,16 +117,21 @@ def loss_comparisons(records: list[dict], seed: int = 0) -> dict[str, dict[int, 
     return out
 
 
-def ruler_intervals(records: list[dict]) -> dict[str, dict[int, Interval | None]]:
-    """{row label: {length: the score's 95% interval in [0, 1] (uncertainty.task_mean_interval), or None}}."""
+def ruler_scores(records: list[dict]) -> dict[str, dict[int, dict[str, list[float]]]]:
+    """{row label: {length: {task: the 0/1 (or fractional) scores of its samples}}}, ok records only."""
     names = summary.labels(records)
     cells: dict[str, dict[int, dict[str, list[float]]]] = {}
     for r in records:
         if r.get("status") == "ok":
             row = cells.setdefault(names[summary.group_of(r)], {}).setdefault(r["length"], {})
             row.setdefault(r["task"], []).append(r["score"])
+    return cells
+
+
+def ruler_intervals(records: list[dict]) -> dict[str, dict[int, Interval | None]]:
+    """{row label: {length: the score's 95% interval in [0, 1] (uncertainty.task_mean_interval), or None}}."""
     out: dict[str, dict[int, Interval | None]] = {}
-    for m, row in cells.items():
+    for m, row in ruler_scores(records).items():
         for n, tasks in sorted(row.items()):
             try:
                 out.setdefault(m, {})[n] = task_mean_interval(tasks)
@@ -137,14 +142,8 @@ def ruler_intervals(records: list[dict]) -> dict[str, dict[int, Interval | None]
 
 def ruler_by_length(records: list[dict]) -> dict[str, dict[int, float]]:
     """{row label: {length: score in percent}}: each task's mean over its samples, then the mean over tasks."""
-    names = summary.labels(records)
-    cells: dict[str, dict[int, dict[str, list[float]]]] = {}
-    for r in records:
-        if r.get("status") == "ok":
-            row = cells.setdefault(names[summary.group_of(r)], {}).setdefault(r["length"], {})
-            row.setdefault(r["task"], []).append(r["score"])
     return {m: {n: 100 * float(np.mean([np.mean(v) for v in tasks.values()])) for n, tasks in sorted(row.items())}
-            for m, row in cells.items()}
+            for m, row in ruler_scores(records).items()}
 
 
 def effective_lengths(scores: dict[str, dict[int, float]]) -> tuple[float | None, dict[str, tuple[int | None, int | None]]]:
