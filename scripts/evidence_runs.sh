@@ -2,14 +2,14 @@
 # The documented long runs of issue 12 (not CI): losses and accuracies only, so machine load does
 # not change their numbers. Every step writes into a resumable result store: run this script
 # again after an interruption and finished evaluations are read back, not repeated.
-# Order: small cells first, so each part yields finished results early.
+# Order (since session 5): the headline first, then tuning, then the small cells.
+#   c   the main job's seven methods over 4 documents at 4k and 16k (multidoc/: the headline intervals)
 #   b   chat template on|off for passkey and niah-single (RULER-style, templates/ruler.jsonl):
 #       per length, depth 0.5 first (3 samples per template), then depths 0.1 and 0.9
-#       (9 samples per task x length x template cell); 1k and 2k before the tuning, 4k and 8k after
+#       (9 samples per task x length x template cell); 1k to 8k after the tuning
 #   a   tuned versus default at 16k for ntk, beta-base, yarn, rerope, leaky-rerope (tune/METHOD/tune.jsonl),
 #       tuned on stdlib document 5 (--skip-documents 4), reported on document 1 (heldout/)
 #   screen  every RULER-style task at 1k (3 samples): which ones the default model scores above chance on
-#   c   the main job's seven methods over 4 documents at 4k and 16k (multidoc/: the headline intervals)
 # Usage: [SEED=main-job-dir] nice -n 19 bash scripts/evidence_runs.sh [OUT]   (default /work/runs/evidence2)
 # SEED: a finished main-job store (results.jsonl of `ropelab sweep-default`, bf16) copied in as
 # document 1 of c and the defaults of the held-out comparison, so they are not run again.
@@ -33,8 +33,10 @@ for d in multidoc heldout; do
   if [ -n "${SEED:-}" ] && [ ! -e "$OUT/$d/results.jsonl" ]; then mkdir -p "$OUT/$d"; cp "$SEED/results.jsonl" "$OUT/$d/"; fi
 done
 
-ruler_cells 1k
-ruler_cells 2k
+# c: document 1 first (the main job itself), then documents 1-4 in the same store
+$R sweep-default --quiet --out "$OUT/multidoc" || true
+$R eval --quiet $DT --methods rope,linear:scale=2,ntk:scale=2,beta-base:scale=2,yarn:scale=2,rerope:window=4096 \
+  --methods leaky-rerope:window=2048,scale=16 --lengths 4k,16k --targets 2048 --documents 4 --out "$OUT/multidoc" || true
 
 tune() {  # $1 method, then --param/--fixed arguments
   local m="$1"; shift
@@ -61,6 +63,8 @@ print(','.join(out))")
 $R eval $DT --methods ntk:scale=2,beta-base:scale=2,yarn:scale=2,rerope:window=4096,leaky-rerope:window=2048,scale=16 \
   ${BEST:+--methods "$BEST"} --lengths 16k --targets 2048 --documents 1 --out "$OUT/heldout" || true
 
+ruler_cells 1k
+ruler_cells 2k
 ruler_cells 4k
 ruler_cells 8k
 $R plot "$OUT/templates" || true
@@ -69,7 +73,3 @@ $R plot "$OUT/templates" || true
 TASKS=niah-single,niah-multikey,niah-multivalue,niah-multiquery,variable-tracking,common-words,frequent-words,passkey
 $R ruler --quiet $DT --tasks "$TASKS" --lengths 1k --depths 0.5 --samples 3 --out "$OUT/screen" || true
 
-# c: document 1 first (the main job itself), then documents 1-4 in the same store
-$R sweep-default --quiet --out "$OUT/multidoc" || true
-$R eval --quiet $DT --methods rope,linear:scale=2,ntk:scale=2,beta-base:scale=2,yarn:scale=2,rerope:window=4096 \
-  --methods leaky-rerope:window=2048,scale=16 --lengths 4k,16k --targets 2048 --documents 4 --out "$OUT/multidoc" || true
