@@ -36,43 +36,91 @@ KEYWORDS = {"dropout_p", "softmax_scale", "causal", "window_size", "softcap", "a
             "return_attn_probs"}
 
 
-def fake_module(version="2.6.3", empty_lse=math.inf, calls=None):
-    def flash_attn_func(q, k, v, **kw):
-        assert set(kw) <= KEYWORDS, set(kw) - KEYWORDS
-        assert kw["return_attn_probs"] is True and kw.get("dropout_p", 0.0) == 0.0
-        B, n, H, D = q.shape
-        m, Hkv = k.shape[1], k.shape[2]
-        assert k.shape == (B, m, Hkv, D) and v.shape[:3] == (B, m, Hkv) and H % Hkv == 0
-        for t in (q, k, v):
-            assert t.dtype in (torch.float16, torch.bfloat16) and t.stride(-1) == 1
-        if calls is not None:
-            calls.append(dict(kw, n=n, m=m))
-        causal = kw.get("causal", False)
-        left, right = kw.get("window_size", (-1, -1))
-        qh, kh, vh = (t.double().transpose(1, 2) for t in (q, k, v))
-        kh, vh = kh.repeat_interleave(H // Hkv, 1), vh.repeat_interleave(H // Hkv, 1)
-        logits = (qh @ kh.transpose(-1, -2)) * kw["softmax_scale"]
-        if kw.get("softcap", 0.0) > 0:
-            logits = kw["softcap"] * torch.tanh(logits / kw["softcap"])
-        diagonal = torch.arange(n)[:, None] + m - n  # bottom-right alignment
-        j = torch.arange(m)[None, :]
-        hide = torch.zeros(n, m, dtype=torch.bool)
+KVCACHE_KEYWORDS = {"k", "v", "rotary_cos", "rotary_sin", "cache_seqlens", "cache_batch_idx", "cache_leftpad",
+                    "block_table", "softmax_scale", "causal", "window_size", "softcap", "rotary_interleaved",
+                    "alibi_slopes", "num_splits", "return_softmax_lse"}
+
+
+def _attend(q, k, v, *, scale, softcap, causal, window_size, empty_lse, leftpad=None):
+    """flash-attn's forward in float64: q (B, n, H, D), k/v (B, m, Hkv, D). With `leftpad`,
+    sequence b's keys are k[b, leftpad[b]:] and the mask is built on them alone (the
+    kernel offsets its key pointer by leftpad[b] and shortens seqlen_k by it: csrc/
+    flash_attn/src/block_info.h), so this does not assume where the diagonal lands."""
+    B, n, H, D = q.shape
+    m, Hkv = k.shape[1], k.shape[2]
+    left, right = window_size
+    outs, lses = [], []
+    for b in range(B):
+        start = 0 if leftpad is None else int(leftpad[b])
+        qh, kh, vh = (t[b, i:].double().transpose(0, 1) for t, i in ((q, 0), (k, start), (v, start)))
+        kh, vh = kh.repeat_interleave(H // Hkv, 0), vh.repeat_interleave(H // Hkv, 0)
+        mb = m - start
+        logits = (qh @ kh.transpose(-1, -2)) * scale
+        if softcap > 0:
+            logits = softcap * torch.tanh(logits / softcap)
+        diagonal = torch.arange(n)[:, None] + mb - n  # bottom-right alignment
+        j = torch.arange(mb)[None, :]
+        hide = torch.zeros(n, mb, dtype=torch.bool)
         if causal or right >= 0:
             hide |= j > diagonal + max(right, 0)
         if left >= 0:
             hide |= j < diagonal - left
         logits = logits.masked_fill(hide, -math.inf)
         lse = torch.logsumexp(logits, -1)
-        out = torch.softmax(logits, -1).nan_to_num(0.0) @ vh
-        lse = torch.where(torch.isneginf(lse), empty_lse, lse).float()
-        return out.transpose(1, 2).to(q.dtype).contiguous(), lse, None
+        outs.append(torch.softmax(logits, -1).nan_to_num(0.0) @ vh)  # an empty row's output is 0
+        lses.append(torch.where(torch.isneginf(lse), empty_lse, lse).float())
+    return torch.stack(outs).transpose(1, 2).to(q.dtype).contiguous(), torch.stack(lses)
+
+
+def _check_layout(q, k, v):
+    B, n, H, D = q.shape
+    m, Hkv = k.shape[1], k.shape[2]
+    assert k.shape == (B, m, Hkv, D) and v.shape[:3] == (B, m, Hkv) and H % Hkv == 0
+    for t in (q, k, v):
+        assert t.dtype in (torch.float16, torch.bfloat16) and t.dtype == q.dtype and t.stride(-1) == 1
+        assert t.device == q.device
+
+
+def fake_module(version="2.6.3", empty_lse=math.inf, calls=None):
+    def flash_attn_func(q, k, v, **kw):
+        assert set(kw) <= KEYWORDS, set(kw) - KEYWORDS
+        assert kw["return_attn_probs"] is True and kw.get("dropout_p", 0.0) == 0.0
+        _check_layout(q, k, v)
+        if calls is not None:
+            calls.append(dict(kw, n=q.shape[1], m=k.shape[1]))
+        out, lse = _attend(q, k, v, scale=kw["softmax_scale"], softcap=kw.get("softcap", 0.0),
+                           causal=kw.get("causal", False), window_size=kw.get("window_size", (-1, -1)),
+                           empty_lse=empty_lse)
+        return out, lse, None
+
+    def flash_attn_with_kvcache(q, k_cache, v_cache, **kw):
+        # flash-attn >= 2.6.1, flash_attn/flash_attn_interface.py and csrc/flash_attn/flash_api.cpp
+        # (mha_fwd_kvcache): the checks the real call makes on what ropelab passes.
+        assert set(kw) <= KVCACHE_KEYWORDS, set(kw) - KVCACHE_KEYWORDS
+        for name in ("k", "v", "rotary_cos", "rotary_sin", "cache_seqlens", "cache_batch_idx", "block_table",
+                     "alibi_slopes"):
+            assert kw.get(name) is None, name  # not used by ropelab: the fake does not emulate them
+        assert kw.get("return_softmax_lse") is True and kw.get("num_splits", 0) == 0
+        assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1  # the wrapper's own asserts
+        q = q if q.stride(-1) == 1 else q.contiguous()  # the wrapper's maybe_contiguous
+        _check_layout(q, k_cache, v_cache)
+        leftpad = kw.get("cache_leftpad")
+        if leftpad is not None:  # TORCH_CHECKs of mha_fwd_kvcache, and a length >= 0
+            assert leftpad.dtype == torch.int32 and leftpad.is_contiguous() and leftpad.shape == (q.shape[0],)
+            assert leftpad.device == k_cache.device
+            assert 0 <= int(leftpad.min()) and int(leftpad.max()) <= k_cache.shape[1]
+        if calls is not None:
+            calls.append(dict(kw, n=q.shape[1], m=k_cache.shape[1], kvcache=True))
+        return _attend(q, k_cache, v_cache, scale=kw["softmax_scale"], softcap=kw.get("softcap", 0.0),
+                       causal=kw.get("causal", False), window_size=kw.get("window_size", (-1, -1)),
+                       empty_lse=empty_lse, leftpad=leftpad)
 
     module = types.ModuleType("flash_attn")
     module.__spec__ = importlib.machinery.ModuleSpec("flash_attn", None)  # as importlib.util.find_spec expects
     module.__version__ = version
     module.flash_attn_func = flash_attn_func
+    module.flash_attn_with_kvcache = flash_attn_with_kvcache
     return module
-
 
 @pytest.fixture
 def fake(monkeypatch):
