@@ -276,7 +276,7 @@ PADDED_DECODE = [({}, [3, 29]), ({"softcap": 2.0}, [3, 29]), ({"sliding_window":
 
 @pytest.mark.parametrize("options,pads", PADDED_DECODE)
 @pytest.mark.parametrize("spec", ["rope", "rerope:window=8", "leaky-rerope:window=8,scale=4",
-                                  "self-extend:window=8,group=4"])
+                                  "self-extend:window=8,group=4", "string:shift=8,local_window=3"])
 def test_padded_decode_step_never_synchronises(monkeypatch, spec, options, pads):
     counter, calls = CountSyncs(), []
     counted_fake(monkeypatch, counter, calls)
