@@ -21,8 +21,8 @@ here (flash-attn's own value for such a row is not -inf, and differs between ver
 
 Left padding (a `key_padding_mask` whose real keys are a suffix of each row) is one
 `flash_attn_with_kvcache` call per part for the whole batch, with the padded key count of
-each sequence as `cache_leftpad` (flash-attn ≥ 2.6.1): keys [cache_leftpad[b], m) are the
-sequence, and the causal/window diagonal is aligned to its last key, so row t still sits on
+each sequence as `cache_leftpad` (flash-attn ≥ 2.6.1) and every key as `cache_seqlens`
+(see `flash_attn_lse` for why both): keys [cache_leftpad[b], m) are the sequence, and the causal/window diagonal is aligned to its last key, so row t still sits on
 key t + m - n. The pad counts stay on the device. Whether the mask is left padding:
 
 * a single query row (a decoding step) takes the mask as left padding without looking at
@@ -164,9 +164,15 @@ def flash_attn_lse(q, k, v, *, window_left: int | None, scale: float, softcap: f
     else:
         from flash_attn import flash_attn_with_kvcache
 
-        # its Python wrapper asserts a contiguous last dimension of the caches (no copy made)
+        # Its Python wrapper asserts a contiguous last dimension of the caches (no copy made).
         k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (k, v))
-        out, lse = flash_attn_with_kvcache(q, k, v, cache_leftpad=leftpad, return_softmax_lse=True, **kwargs)
+        # cache_seqlens (every key; an int becomes a device tensor in the wrapper, no sync) is
+        # passed on purpose: without it, key lengths that are a multiple of the kernel's block
+        # take its "even" kernel, which neither bounds nor masks the keys a left pad shifts
+        # past the end (flash-attn 2.6.1-2.8.3, is_even_MN in flash_fwd_launch_template.h;
+        # its own tests always pass both).
+        out, lse = flash_attn_with_kvcache(q, k, v, cache_seqlens=k.shape[1], cache_leftpad=leftpad,
+                                           return_softmax_lse=True, **kwargs)
     return out.transpose(1, 2), lse
 
 

@@ -3,7 +3,7 @@ fake `flash_attn` module that checks what the real `flash_attn_func` and
 `flash_attn_with_kvcache` (flash-attn 2.6.1, flash_attn/flash_attn_interface.py and the
 checks of csrc/flash_attn/flash_api.cpp) take and return: (B, n, H, D) layouts with a
 contiguous head dim, float16/bfloat16, their keyword names, `cache_leftpad` (B,) int32
-contiguous on the keys' device, an (out, lse, probs) or (out, lse) tuple with lse (B, H, n)
+contiguous on the keys' device and never without `cache_seqlens`, an (out, lse, probs) or (out, lse) tuple with lse (B, H, n)
 float32; left padding is emulated from the kernel's definition (sequence b's keys start at
 cache_leftpad[b], its mask is built on those keys alone). The fake computes in float64 and rounds its output to the input
 dtype, as the kernel does; an empty row's lse is given either sign (the real kernel's
@@ -103,18 +103,31 @@ def fake_module(version="2.6.3", empty_lse=math.inf, calls=None):
         # flash-attn >= 2.6.1, flash_attn/flash_attn_interface.py and csrc/flash_attn/flash_api.cpp
         # (mha_fwd_kvcache): the checks the real call makes on what ropelab passes.
         assert set(kw) <= KVCACHE_KEYWORDS, set(kw) - KVCACHE_KEYWORDS
-        for name in ("k", "v", "rotary_cos", "rotary_sin", "cache_seqlens", "cache_batch_idx", "block_table",
-                     "alibi_slopes"):
+        for name in ("k", "v", "rotary_cos", "rotary_sin", "cache_batch_idx", "block_table", "alibi_slopes"):
             assert kw.get(name) is None, name  # not used by ropelab: the fake does not emulate them
         assert kw.get("return_softmax_lse") is True and kw.get("num_splits", 0) == 0
         assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1  # the wrapper's own asserts
         q = q if q.stride(-1) == 1 else q.contiguous()  # the wrapper's maybe_contiguous
         _check_layout(q, k_cache, v_cache)
+        B, m = q.shape[0], k_cache.shape[1]
+        seqlens = kw.get("cache_seqlens")
+        if isinstance(seqlens, int):  # the wrapper's torch.full on the caches' device
+            seqlens = torch.full((B,), seqlens, dtype=torch.int32, device=k_cache.device)
         leftpad = kw.get("cache_leftpad")
         if leftpad is not None:  # TORCH_CHECKs of mha_fwd_kvcache, and a length >= 0
-            assert leftpad.dtype == torch.int32 and leftpad.is_contiguous() and leftpad.shape == (q.shape[0],)
+            assert leftpad.dtype == torch.int32 and leftpad.is_contiguous() and leftpad.shape == (B,)
             assert leftpad.device == k_cache.device
-            assert 0 <= int(leftpad.min()) and int(leftpad.max()) <= k_cache.shape[1]
+            # Without cache_seqlens, a key length that is a multiple of the kernel's block takes
+            # its "even" kernel, which ignores the shift a left pad makes (is_even_MN in
+            # csrc/flash_attn/src/flash_fwd_launch_template.h, flash-attn 2.6.1-2.8.3).
+            assert seqlens is not None, "cache_leftpad without cache_seqlens"
+        if seqlens is not None:
+            assert seqlens.dtype == torch.int32 and seqlens.is_contiguous() and seqlens.shape == (B,)
+            assert seqlens.device == k_cache.device and int(seqlens.max()) <= m
+            # ropelab passes every key: the fake emulates no shorter length
+            assert bool((seqlens == m).all()), "cache_seqlens shorter than the cache is not emulated"
+        if leftpad is not None:  # keys [leftpad[b], m): a length >= 0
+            assert 0 <= int(leftpad.min()) and int(leftpad.max()) <= m
         if calls is not None:
             calls.append(dict(kw, n=q.shape[1], m=k_cache.shape[1], kvcache=True))
         return _attend(q, k_cache, v_cache, scale=kw["softmax_scale"], softcap=kw.get("softcap", 0.0),
