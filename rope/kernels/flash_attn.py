@@ -22,8 +22,9 @@ here (flash-attn's own value for such a row is not -inf, and differs between ver
 Left padding (a `key_padding_mask` whose real keys are a suffix of each row) is one
 `flash_attn_with_kvcache` call per part for the whole batch, with the padded key count of
 each sequence as `cache_leftpad` (flash-attn ≥ 2.6.1) and every key as `cache_seqlens`
-(see `flash_attn_lse` for why both): keys [cache_leftpad[b], m) are the sequence, and the causal/window diagonal is aligned to its last key, so row t still sits on
-key t + m - n. The pad counts stay on the device. Whether the mask is left padding:
+(see `flash_attn_lse` for why both): keys [cache_leftpad[b], m) are the sequence, and the
+causal/window diagonal is aligned to its last key, so row t still sits on key t + m - n.
+The pad counts stay on the device. Whether the mask is left padding:
 
 * a single query row (a decoding step) takes the mask as left padding without looking at
   it, and a device-side assertion (`torch._assert_async`, which does not synchronise on

@@ -3,10 +3,11 @@ fake `flash_attn` module that checks what the real `flash_attn_func` and
 `flash_attn_with_kvcache` (flash-attn 2.6.1, flash_attn/flash_attn_interface.py and the
 checks of csrc/flash_attn/flash_api.cpp) take and return: (B, n, H, D) layouts with a
 contiguous head dim, float16/bfloat16, their keyword names, `cache_leftpad` (B,) int32
-contiguous on the keys' device and never without `cache_seqlens`, an (out, lse, probs) or (out, lse) tuple with lse (B, H, n)
-float32; left padding is emulated from the kernel's definition (sequence b's keys start at
-cache_leftpad[b], its mask is built on those keys alone). The fake computes in float64 and rounds its output to the input
-dtype, as the kernel does; an empty row's lse is given either sign (the real kernel's
+contiguous on the keys' device and never without `cache_seqlens`, an (out, lse, probs) or
+(out, lse) tuple with lse (B, H, n) float32; left padding is emulated from the kernel's
+definition (sequence b's keys start at cache_leftpad[b], its mask is built on those keys
+alone). The fake computes in float64 and rounds its output to the input dtype, as the
+kernel does; an empty row's lse is given either sign (the real kernel's
 value for such rows is not -inf and is not relied on).
 
 Also: no host synchronisation in a decoding step of that path, padded or not (counted with

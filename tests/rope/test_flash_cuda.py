@@ -133,15 +133,16 @@ def test_not_usable_on_cpu_or_float32():
                     reason="needs CUDA and flash-attn (pip install ropelab[cuda])")
 @pytest.mark.parametrize("name", METHODS)
 @pytest.mark.parametrize("T", [300, 1])
-def test_real_flash_attn_matches_the_cpu_kernel(monkeypatch, name, T):
+@pytest.mark.parametrize("S", [300, 256])  # 256: key counts a multiple of flash-attn's blocks
+def test_real_flash_attn_matches_the_cpu_kernel(monkeypatch, name, T, S):
     real = flash_cuda.flash_attn_lse
     monkeypatch.setattr(flash_cuda, "flash_attn_lse", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     method = {"rope": M("rope"), "rerope": M("rerope", window=64),
               "leaky": M("leaky-rerope", window=64, scale=4),
               "self-extend": M("self-extend", window=64, group=8)}[name]
-    q, k, v = inputs(B=2, H=8, Hkv=2, T=T, S=300, D=64, dtype=torch.bfloat16)
-    inv_freq, factor = freqs(method, 64, 300)
-    mask, offsets = left_padding(2, 300, [0, 17])
+    q, k, v = inputs(B=2, H=8, Hkv=2, T=min(T, S), S=S, D=64, dtype=torch.bfloat16)
+    inv_freq, factor = freqs(method, 64, S)
+    mask, offsets = left_padding(2, S, [0, 17])
     for kw in ({}, {"key_padding_mask": mask, "position_offset": offsets}, {"sliding_window": 100}):
         calls.clear()
         on_device = {key: value.cuda() for key, value in kw.items() if isinstance(value, torch.Tensor)}
