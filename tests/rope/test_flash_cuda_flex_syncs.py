@@ -28,7 +28,7 @@ from .test_flash_attn_fake import CountSyncs
 pytestmark = pytest.mark.skipif(not flex.available(), reason="torch without FlexAttention")
 
 
-@pytest.mark.parametrize("options", [{}, {"sliding_window": 13, "softcap": 2.0}])
+@pytest.mark.parametrize("options", [{"sliding_window": 13, "softcap": 2.0}])  # each adds to the mask/score_mod
 @pytest.mark.parametrize("spec", ["rope", "rerope:window=8", "leaky-rerope:window=8,scale=4",
                                   "self-extend:window=8,group=4", "string:shift=8,local_window=3",
                                   "dca:chunk_size=16,local_window=4", "sinks:sinks=2,window=8"])
