@@ -28,7 +28,8 @@ The pad counts stay on the device. Whether the mask is left padding:
 
 * a single query row (a decoding step) takes the mask as left padding without looking at
   it, and a device-side assertion (`torch._assert_async`, which does not synchronise on
-  CUDA) stops a mask that is not (use backend="flex" for other padding);
+  CUDA) stops a mask that is not; being a device-side assertion, it leaves the process's
+  CUDA context unusable (use backend="flex" for other padding);
 * several query rows (prefill) may be right-padded, which another backend must take, so
   `usable` checks the mask on the host: one synchronisation, remembered for the mask's
   memory, so the layers of one forward (views of one mask) pay it once.
