@@ -16,7 +16,7 @@ that also returns the row log-sum-exp, and the results are merged exactly
 (rope/kernels/merge.py). Backends, each a module that runs a plan:
 
 * "cpu" (rope/kernels/cpu.py): torch's CPU flash kernel, chunked so no T×S matrix exists;
-* "flash-attn" (rope/kernels/flash_attn.py): CUDA, float16/bfloat16, flash-attn ≥ 2.6;
+* "flash-attn" (rope/kernels/flash_attn.py): CUDA, float16/bfloat16, flash-attn ≥ 2.6.1;
 * "flex" (rope/kernels/flex.py): torch's FlexAttention, block masks per part; the CUDA
   backend when flash-attn is absent;
 * "eager" (rope/kernels/eager.py): explicit logits in blocks; soft-capping on CPU,
@@ -48,7 +48,7 @@ BACKENDS = ("auto", "cpu", "eager", "flash-attn", "flex")
 # Backends refused by name, with the reason.
 REFUSED = {
     "flash-attn3": "flash-attn 3's flash_attn_interface has another signature and return convention; "
-                   "ropelab supports flash-attn 2 (>= 2.6)",
+                   "ropelab supports flash-attn 2 (>= 2.6.1)",
 }
 
 _warned_slow_path = False

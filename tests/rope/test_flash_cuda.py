@@ -33,7 +33,7 @@ from .test_attention import METHODS, check, configs, freqs, inputs, left_padding
 M = ropelab.get_method
 
 
-def emulated_flash_attn_lse(q, k, v, *, window_left, scale, softcap):
+def emulated_flash_attn_lse(q, k, v, *, window_left, scale, softcap, leftpad=None):
     B, H, n, D = q.shape
     m = k.shape[2]
     g = H // k.shape[1]
@@ -42,17 +42,24 @@ def emulated_flash_attn_lse(q, k, v, *, window_left, scale, softcap):
     logits = (q.double() @ k.transpose(-1, -2)) * scale
     if softcap:
         logits = softcap * torch.tanh(logits / softcap)
+    if n == 1 and window_left is not None:  # flash_attn_lse slices a single row's keys to its window
+        start = max(0, m - 1 - window_left)
+        logits, v, m = logits[..., start:], v[:, :, start:], m - start
+        if leftpad is not None:
+            leftpad = (leftpad - start).clamp(min=0)
     diagonal = torch.arange(n)[:, None] + m - n  # the key each query row sits on
     j = torch.arange(m)[None, :]
-    hide = j > diagonal
+    hide = (j > diagonal)[None]
     if window_left is not None and window_left >= 0:
-        hide = hide | (j < diagonal - window_left)
-    logits = logits.masked_fill(hide, -math.inf)
+        hide = hide | (j < diagonal - window_left)[None]
+    if leftpad is not None:  # keys [leftpad[b], m) are sequence b's (flash_attn_with_kvcache's cache_leftpad)
+        assert leftpad.dtype == torch.int32 and leftpad.shape == (B,)
+        hide = hide | (j[None] < leftpad[:, None, None].long())
+    logits = logits.masked_fill(hide[:, None], -math.inf)
     lse = torch.logsumexp(logits, -1)
     out = torch.softmax(logits, -1).nan_to_num(0.0) @ v
     lse = torch.where(torch.isneginf(lse), math.inf, lse)  # flash-attn's convention for empty rows
     return out.to(q.dtype), lse.float()
-
 
 calls: list = []
 
@@ -92,14 +99,18 @@ def test_left_padding_per_sequence(emulated, name):
     check(METHODS[name](), B=3, T=3, key_padding_mask=mask, position_offset=offsets)
 
 
-def test_other_padding_takes_the_cpu_kernel(monkeypatch):
-    # Right padding is not left padding: `usable` must refuse it, whatever the device.
+def test_other_padding_takes_the_cpu_kernel():
+    # Right padding is not left padding: a prefill must not be taken by flash-attn.
     mask = torch.ones(2, 10, dtype=torch.bool)
     mask[1, 7:] = False
-    assert flash_cuda.left_pads(mask) is None
+    assert not flash_cuda.left_padded(mask)
     left, _ = left_padding(2, 10, [0, 4])
-    assert flash_cuda.left_pads(left).tolist() == [0, 4]
-
+    assert flash_cuda.left_padded(left)
+    assert flash_cuda.left_padded(left[:, :])  # a view of the mask just checked: remembered
+    pads = flash_cuda.left_pads(left)
+    assert pads.dtype == torch.int32 and pads.tolist() == [0, 4]
+    left[0, 5] = False  # a hole, edited in place since checked: read again
+    assert not flash_cuda.left_padded(left)
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                  HealthCheck.function_scoped_fixture])
@@ -122,15 +133,16 @@ def test_not_usable_on_cpu_or_float32():
                     reason="needs CUDA and flash-attn (pip install ropelab[cuda])")
 @pytest.mark.parametrize("name", METHODS)
 @pytest.mark.parametrize("T", [300, 1])
-def test_real_flash_attn_matches_the_cpu_kernel(monkeypatch, name, T):
+@pytest.mark.parametrize("S", [300, 256])  # 256: key counts a multiple of flash-attn's blocks
+def test_real_flash_attn_matches_the_cpu_kernel(monkeypatch, name, T, S):
     real = flash_cuda.flash_attn_lse
     monkeypatch.setattr(flash_cuda, "flash_attn_lse", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     method = {"rope": M("rope"), "rerope": M("rerope", window=64),
               "leaky": M("leaky-rerope", window=64, scale=4),
               "self-extend": M("self-extend", window=64, group=8)}[name]
-    q, k, v = inputs(B=2, H=8, Hkv=2, T=T, S=300, D=64, dtype=torch.bfloat16)
-    inv_freq, factor = freqs(method, 64, 300)
-    mask, offsets = left_padding(2, 300, [0, 17])
+    q, k, v = inputs(B=2, H=8, Hkv=2, T=min(T, S), S=S, D=64, dtype=torch.bfloat16)
+    inv_freq, factor = freqs(method, 64, S)
+    mask, offsets = left_padding(2, S, [0, 17])
     for kw in ({}, {"key_padding_mask": mask, "position_offset": offsets}, {"sliding_window": 100}):
         calls.clear()
         on_device = {key: value.cuda() for key, value in kw.items() if isinstance(value, torch.Tensor)}
