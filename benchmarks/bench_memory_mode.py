@@ -1,7 +1,7 @@
 """Memory mode (ropelab.patches.memory) against the plain forward: peak extra resident memory
 and time of one decoder forward of SmolLM2-135M, float32, on CPU.
 
-    python benchmarks/bench_memory_mode.py --length 16384 --chunk 2048 [--layers 2]
+    python benchmarks/bench_memory_mode.py --length 16384 --chunk 2048 [--layers 2] [--parallel] [--keep DIR]
 
 Each case runs in a fresh subprocess (the embedded model loaded, a 64-token warm-up, then the
 forward `model.model(input_ids)` under inference mode) that samples its resident set every
@@ -10,7 +10,8 @@ always mmapped, see MALLOC). After the measured forward, outside it, the case co
 next-token loss at every position from the final hidden states (LM head and cross-entropy in
 slices of 1024 positions, so the 16k × 49152 logits never exist at once) and writes the
 losses and all final hidden states to disk; the parent reads them only after both cases have
-ended (one case in memory at a time). The cases run one after the other, off first; printed:
+ended (one case in memory at a time). The cases run one after the other, off first (or at once
+with `--parallel`: each peak is still its own process's, only the seconds suffer); printed:
 the largest absolute difference of the per-position losses, of the mean loss and of the
 final hidden states. The same sampler as benchmarks/bench_patch.py.
 
@@ -107,6 +108,10 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=16384)
     parser.add_argument("--chunk", type=int, default=2048)
     parser.add_argument("--layers", type=int, default=0, help="keep the first N decoder layers (0: all)")
+    parser.add_argument("--parallel", action="store_true",
+                        help="run both cases at once (each peak is its own process's; the seconds then mean little)")
+    parser.add_argument("--keep", metavar="DIR", help="keep each case's outputs in DIR; a case whose outputs are "
+                        "there already is not run again (an interrupted run resumes)")
     parser.add_argument("--case", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:
@@ -114,16 +119,26 @@ def main() -> None:
         return
     import torch
 
-    results = []
     with tempfile.TemporaryDirectory() as tmp:
-        for chunk in (0, args.chunk):
-            out = os.path.join(tmp, f"{chunk}.json")
-            subprocess.run([sys.executable, __file__, "--case", str(args.length), str(chunk), out,
-                            str(args.layers)], check=True, env={**os.environ, **MALLOC})
+        folder = args.keep or tmp
+        os.makedirs(folder, exist_ok=True)
+        name = f"{args.length}_{args.layers or 'all'}layers_chunk"
+        outs = [os.path.join(folder, f"{name}{chunk}.json") for chunk in (0, args.chunk)]
+        running = []
+        for chunk, out in zip((0, args.chunk), outs):
+            if os.path.exists(out) and os.path.exists(out + ".pt"):
+                continue  # done by an earlier run (--keep)
+            command = [sys.executable, __file__, "--case", str(args.length), str(chunk), out, str(args.layers)]
+            running.append(subprocess.Popen(command, env={**os.environ, **MALLOC}))
+            if not args.parallel:
+                running[-1].wait()
+        if any(p.wait() != 0 for p in running):
+            sys.exit("a case failed (its error is above)")
+        results = []
+        for out in outs:
             with open(out) as f:
                 results.append(json.load(f))
-        off = torch.load(os.path.join(tmp, "0.json.pt"))
-        on = torch.load(os.path.join(tmp, f"{args.chunk}.json.pt"))
+        off, on = (torch.load(out + ".pt") for out in outs)
     print(f"SmolLM2-135M float32, {args.length} tokens, decoder forward of {results[0]['layers']} layers, "
           f"{results[0]['threads']} threads")
     print("| memory mode | peak extra MB | seconds |")
