@@ -57,14 +57,6 @@ def test_bad_values_exit_2_before_loading_and_leave_out_unchanged(command, value
     assert spy_load == [] and snapshot(out) is None
 
 
-def test_a_bad_value_leaves_an_existing_run_as_it_was(model_dir, tmp_path, capsys):
-    out = tmp_path / "run"
-    assert run(eval_argv(model_dir, out), capsys)[0] == 0
-    before = snapshot(out)
-    rc, printed = run(eval_argv(model_dir, out, "--memory-chunk", "0"), capsys)
-    assert rc == 2 and "--memory-chunk '0'" in printed.err and snapshot(out) == before
-
-
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_every_forward_command_hands_the_chunk_to_the_loader(command, model_dir, tmp_path, spy_load, capsys):
     base = [*COMMANDS[command], "--model", str(model_dir)]
@@ -140,3 +132,7 @@ def test_same_losses_in_the_same_store_cells_with_the_mlp_in_slices(model_dir, t
     lines = (plain / "results.jsonl").read_text()
     assert run(eval_argv(model_dir, plain, "--memory-chunk", "8"), capsys)[0] == 0
     assert (plain / "results.jsonl").read_text() == lines
+    # A bad value on an existing run: exit 2, the run's files as they were.
+    before = snapshot(plain)
+    rc, printed = run(eval_argv(model_dir, plain, "--memory-chunk", "0"), capsys)
+    assert rc == 2 and "--memory-chunk '0'" in printed.err and snapshot(plain) == before
