@@ -128,8 +128,11 @@ def memory_mode(model: nn.Module, chunk: int = 4096) -> MemoryMode:
 
 
 def active_memory_mode(model: nn.Module) -> MemoryMode | None:
-    """The memory mode in force on `model`, or None."""
-    return ACTIVE.get(model)
+    """The memory mode in force on `model`, or None (also for objects that are no module)."""
+    try:
+        return ACTIVE.get(model)
+    except TypeError:  # not weakly referenceable (None, a dict): no mode can be in force on it
+        return None
 
 
 @contextlib.contextmanager
