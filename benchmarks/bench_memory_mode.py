@@ -1,21 +1,25 @@
 """Memory mode (ropelab.patches.memory) against the plain forward: peak extra resident memory
 and time of one decoder forward of SmolLM2-135M, float32, on CPU.
 
-    python benchmarks/bench_memory_mode.py --length 16384 --chunk 2048 [--layers 2]
+    python benchmarks/bench_memory_mode.py --length 16384 --chunk 2048 [--layers 2] [--parallel] [--keep DIR]
 
 Each case runs in a fresh subprocess (the embedded model loaded, a 64-token warm-up, then the
 forward `model.model(input_ids)` under inference mode) that samples its resident set every
 2 ms; peak minus the resident set at the start is what the forward added (large blocks
-always mmapped, see MALLOC). The cases run one
-after the other, off first; the final hidden states of both are compared (largest absolute
-difference printed). The same sampler as benchmarks/bench_patch.py.
+always mmapped, see MALLOC). After the measured forward, outside it, the case computes the
+next-token loss at every position from the final hidden states (LM head and cross-entropy in
+slices of 1024 positions, so the 16k × 49152 logits never exist at once) and writes the
+losses and all final hidden states to disk; the parent reads them only after both cases have
+ended (one case in memory at a time). The cases run one after the other, off first (or at once
+with `--parallel`: each peak is still its own process's, only the seconds suffer); printed:
+the largest absolute difference of the per-position losses, of the mean loss and of the
+final hidden states. The same sampler as benchmarks/bench_patch.py.
 
 `--layers N` keeps the first N decoder layers only. Under inference mode a layer's
 activations are freed before the next layer runs, so the peak should be one layer's
 activations plus the residual stream whatever the depth; measured, the 30-layer peak at 4k
 was 39-52 MB above the 2-layer one (README, "Memory mode"), while the time is N/30 of the
-full forward's: a full 16k forward takes tens of
-minutes on a shared 2-core machine.
+full forward's.
 """
 
 from __future__ import annotations
@@ -61,6 +65,18 @@ class PeakRSS:
         self.extra_mb = max(self.peak, current_rss_mb()) - self.start
 
 
+def position_losses(model, hidden, ids, piece: int = 1024):
+    """Next-token cross-entropy at positions 0..S-2, float32, the LM head applied in slices."""
+    import torch
+
+    losses = []
+    for start in range(0, len(ids) - 1, piece):
+        stop = min(start + piece, len(ids) - 1)
+        logits = model.lm_head(hidden[start:stop]).float()
+        losses.append(torch.nn.functional.cross_entropy(logits, ids[start + 1 : stop + 1], reduction="none"))
+    return torch.cat(losses)
+
+
 def case(length: int, chunk: int, out: str, layers: int = 0) -> None:
     import torch
 
@@ -79,7 +95,8 @@ def case(length: int, chunk: int, out: str, layers: int = 0) -> None:
             start = time.perf_counter()
             hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state
             seconds = time.perf_counter() - start
-    torch.save(hidden[0, -256:].clone(), out + ".pt")
+        losses = position_losses(model, hidden[0], ids[0])
+    torch.save({"hidden": hidden[0].clone(), "losses": losses}, out + ".pt")
     with open(out, "w") as f:
         json.dump({"chunk": chunk, "seconds": seconds, "peak_mb": rss.extra_mb,
                    "modules": len(mode.modules) if mode else 0, "threads": torch.get_num_threads(),
@@ -91,6 +108,10 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=16384)
     parser.add_argument("--chunk", type=int, default=2048)
     parser.add_argument("--layers", type=int, default=0, help="keep the first N decoder layers (0: all)")
+    parser.add_argument("--parallel", action="store_true",
+                        help="run both cases at once (each peak is its own process's; the seconds then mean little)")
+    parser.add_argument("--keep", metavar="DIR", help="keep each case's outputs in DIR; a case whose outputs are "
+                        "there already is not run again (an interrupted run resumes)")
     parser.add_argument("--case", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:
@@ -98,15 +119,26 @@ def main() -> None:
         return
     import torch
 
-    results = []
     with tempfile.TemporaryDirectory() as tmp:
-        for chunk in (0, args.chunk):
-            out = os.path.join(tmp, f"{chunk}.json")
-            subprocess.run([sys.executable, __file__, "--case", str(args.length), str(chunk), out,
-                            str(args.layers)], check=True, env={**os.environ, **MALLOC})
+        folder = args.keep or tmp
+        os.makedirs(folder, exist_ok=True)
+        name = f"{args.length}_{args.layers or 'all'}layers_chunk"
+        outs = [os.path.join(folder, f"{name}{chunk}.json") for chunk in (0, args.chunk)]
+        running = []
+        for chunk, out in zip((0, args.chunk), outs):
+            if os.path.exists(out) and os.path.exists(out + ".pt"):
+                continue  # done by an earlier run (--keep)
+            command = [sys.executable, __file__, "--case", str(args.length), str(chunk), out, str(args.layers)]
+            running.append(subprocess.Popen(command, env={**os.environ, **MALLOC}))
+            if not args.parallel:
+                running[-1].wait()
+        if any(p.wait() != 0 for p in running):
+            sys.exit("a case failed (its error is above)")
+        results = []
+        for out in outs:
             with open(out) as f:
                 results.append(json.load(f))
-        difference = (torch.load(os.path.join(tmp, "0.json.pt")) - torch.load(os.path.join(tmp, f"{args.chunk}.json.pt"))).abs().max()
+        off, on = (torch.load(out + ".pt") for out in outs)
     print(f"SmolLM2-135M float32, {args.length} tokens, decoder forward of {results[0]['layers']} layers, "
           f"{results[0]['threads']} threads")
     print("| memory mode | peak extra MB | seconds |")
@@ -114,7 +146,12 @@ def main() -> None:
     for r in results:
         label = f"chunk {r['chunk']} ({r['modules']} modules)" if r["chunk"] else "off"
         print(f"| {label} | {r['peak_mb']:.0f} | {r['seconds']:.1f} |")
-    print(f"largest |difference| of the last 256 final hidden states: {difference.item():.3g}")
+    print(f"mean loss off / on: {off['losses'].mean().item():.9g} / {on['losses'].mean().item():.9g} "
+          f"(|difference| {(off['losses'].mean() - on['losses'].mean()).abs().item():.3g})")
+    print(f"largest |difference| of the {len(off['losses'])} per-position losses: "
+          f"{(off['losses'] - on['losses']).abs().max().item():.3g}")
+    print(f"largest |difference| of all {off['hidden'].shape[0]} final hidden states: "
+          f"{(off['hidden'] - on['hidden']).abs().max().item():.3g}")
 
 
 if __name__ == "__main__":

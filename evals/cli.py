@@ -15,7 +15,8 @@
 
 Model-running commands take --model (a default, a folder or a hub id org/name) and the
 loading flags --revision --dtype --device --device-map --max-memory --attn-implementation
---trust-remote-code (ropelab.evals.loading).
+--trust-remote-code (ropelab.evals.loading), and --memory-chunk N (memory mode: each layer's
+MLP and norms over the sequence in slices of N tokens; part of the model identity).
 
 Under torchrun (`torchrun --nproc-per-node N -m ropelab eval ...`) eval, passkey and
 sweep-default split their jobs over the ranks (distributed.py, runner.py), each rank writing

@@ -19,7 +19,7 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--model", default="default", help="embedded default, local folder or hub id org/name")
     p.add_argument("--method", required=True, help="e.g. yarn:scale=4 (relative methods and log-n are refused)")
     p.add_argument("--out", required=True, help="a new (or empty) folder")
-    add_loading_arguments(p)
+    add_loading_arguments(p, forwards=False)  # export runs no forward: no --memory-chunk
     p.set_defaults(func=run_export)
     return p
 

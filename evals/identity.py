@@ -14,7 +14,10 @@ Sources (a loader says where the weights came from: `loading.load_model` returns
   same name (or the default name) still differ.
 
 The dtype and the attention implementation are part of the identity (they change the numbers);
-the device placement is not. `identity_key` is the text used in job keys and headers, so
+the device placement is not. Memory mode (`memory_chunk`, ropelab.patches.memory) is, when in
+force: slicing the MLPs changes losses at float32 rounding on mixture-of-experts models (each
+expert's matmul gets other row counts) and on dense ones with slices under 8 rows (measured:
+README, "Memory mode"); off, the identity is as it was without it. `identity_key` is the text used in job keys and headers, so
 results of different weights, dtypes or attention paths never share a key.
 
 The fingerprint of a local folder is cheap even for 100 GB of weights. It hashes (sha256):
@@ -143,6 +146,10 @@ def model_identity(model, source: ModelSource | dict | str) -> dict:
         if kind == "named":
             identity["weights"] = weights_fingerprint(model)
     identity.update(dtype=_dtype(model), attention=_attention(model))
+    from ropelab.patches.memory import active_memory_mode  # here: ropelab.patches loads transformers
+
+    if (mode := active_memory_mode(model)) is not None:
+        identity["memory_chunk"] = mode.chunk
     return identity
 
 

@@ -18,6 +18,14 @@ the numbers, so it is not part of the model identity the results record (`identi
 built from `source`); dtype and attention implementation are.
 Remote code runs only with `trust_remote_code=True`.
 
+Memory: `memory_chunk=N` puts the loaded model in memory mode (ropelab.patches.memory: each
+decoder layer's MLP and norms run over the sequence in slices of N tokens) before anything
+patches it, so every forward of a long sequence needs O(N) activation memory there instead
+of O(S). It is part of the model identity (`identity.py`): bit-equal on dense models at
+slices of 8 rows or more (SmolLM2-135M at 16k, 30 layers: 0 difference), but on
+mixture-of-experts models the slices change losses at float32 rounding (README, "Memory
+mode"), so a run keeps the chunk it was started with.
+
 Every argument is checked before anything is loaded or fetched; a bad one raises ValueError
 naming the field, the value and the rule. `add_loading_arguments` / `loading_options` give
 the command line the same flags and checks.
@@ -36,6 +44,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
+from ropelab.spec import parse_int_with_suffix
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEVICE_MAPS = ("auto", "balanced", "sequential")
@@ -118,9 +128,21 @@ def check_device(device: str | None) -> None:
         raise ValueError(f"device={device!r}: MPS (Apple GPU) is not available here")
 
 
+MEMORY_CHUNK_RULE = "an integer >= 1 (tokens per slice of the MLP and norms; absent: memory mode off)"
+
+
+def check_memory_chunk(memory_chunk) -> None:
+    """None (off) or a positive int."""
+    if memory_chunk is None:
+        return
+    if not isinstance(memory_chunk, int) or isinstance(memory_chunk, bool) or memory_chunk < 1:
+        raise ValueError(f"memory_chunk={memory_chunk!r}: must be {MEMORY_CHUNK_RULE}")
+
+
 def check_options(*, dtype="float32", device=None, device_map=None, max_memory=None, attn_implementation=None,
-                  trust_remote_code=False, revision=None) -> dict | None:
+                  trust_remote_code=False, revision=None, memory_chunk=None) -> dict | None:
     """Validate the loading options; returns max_memory parsed (or None). Loads nothing."""
+    check_memory_chunk(memory_chunk)
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: must be one of {', '.join(DTYPES)}")
     check_device(device)
@@ -264,11 +286,23 @@ def check_model_name(name, revision: str | None = None, device_map: str | None =
 
 def load_model(name: str, dtype: str = "float32", *, revision: str | None = None, device: str | None = None,
                device_map: str | None = None, max_memory=None, attn_implementation: str | None = None,
-               trust_remote_code: bool = False):
+               trust_remote_code: bool = False, memory_chunk: int | None = None):
     """(model, tokenizer, ModelSource) in eval mode. See the module docstring."""
     parsed_memory = check_options(dtype=dtype, device=device, device_map=device_map, max_memory=max_memory,
                                   attn_implementation=attn_implementation, trust_remote_code=trust_remote_code,
-                                  revision=revision)
+                                  revision=revision, memory_chunk=memory_chunk)
+    model, tokenizer, source = _load(name, dtype, revision, device, device_map, parsed_memory, attn_implementation,
+                                     trust_remote_code)
+    if memory_chunk is not None:
+        # Before any patch: a patch touches rotary and attention modules only, and its undo
+        # leaves the chunked MLPs and norms in force (ropelab.patches.memory).
+        from ropelab.patches.memory import memory_mode
+
+        memory_mode(model, memory_chunk)
+    return model, tokenizer, source
+
+
+def _load(name, dtype, revision, device, device_map, parsed_memory, attn_implementation, trust_remote_code):
     kind = check_model_name(name, revision, device_map)
     placement = f"device_map={device_map}" if device_map else (device or "cpu")
     if kind == "default":
@@ -321,8 +355,9 @@ def _from_folder(folder: Path, dtype, device, device_map, max_memory, attn_imple
 # -- command-line flags -------------------------------------------------------------------------
 
 
-def add_loading_arguments(parser: argparse.ArgumentParser, dtype_default: str = "float32") -> None:
-    """Add --revision --dtype --device --device-map --max-memory --attn-implementation --trust-remote-code."""
+def add_loading_arguments(parser: argparse.ArgumentParser, dtype_default: str = "float32", forwards: bool = True) -> None:
+    """Add --revision --dtype --device --device-map --max-memory --attn-implementation --trust-remote-code,
+    and, for commands that run forwards (`forwards`), --memory-chunk."""
     group = parser.add_argument_group("model loading")
     group.add_argument("--revision", help="hub branch, tag or commit (hub ids only; default main)")
     group.add_argument("--dtype", default=dtype_default,
@@ -332,11 +367,17 @@ def add_loading_arguments(parser: argparse.ArgumentParser, dtype_default: str = 
     group.add_argument("--max-memory", help=f"with --device-map: {MAX_MEMORY_RULE}")
     group.add_argument("--attn-implementation", help=f"{'|'.join(ATTN_IMPLEMENTATIONS)}: the unpatched model's attention")
     group.add_argument("--trust-remote-code", action="store_true", help="run the model repository's own code (off unless given)")
+    if forwards:
+        group.add_argument("--memory-chunk", metavar="N",
+                           help="memory mode: run each layer's MLP and norms over the sequence in slices of N "
+                           "tokens (e.g. 4k), for forwards longer than memory allows; absent: off. Part of the "
+                           "model identity (on mixture-of-experts models it changes losses at float32 "
+                           "rounding), so a run resumes only with the chunk it was started with")
 
 
 _FLAGS = {"revision": "--revision", "dtype": "--dtype", "device": "--device", "device_map": "--device-map",
           "max_memory": "--max-memory", "attn_implementation": "--attn-implementation",
-          "trust_remote_code": "--trust-remote-code"}
+          "trust_remote_code": "--trust-remote-code", "memory_chunk": "--memory-chunk"}
 
 
 def loading_options(args: argparse.Namespace) -> dict:
@@ -344,6 +385,16 @@ def loading_options(args: argparse.Namespace) -> dict:
     options = {field: getattr(args, field, None) for field in _FLAGS}
     options["dtype"] = options["dtype"] or "float32"
     options["trust_remote_code"] = bool(options["trust_remote_code"])
+    if options["memory_chunk"] is None:
+        del options["memory_chunk"]  # a command without the flag, or off: load_model's default
+    elif isinstance(options["memory_chunk"], str):  # as typed: 2048, 4k
+        text = options["memory_chunk"]
+        try:
+            options["memory_chunk"] = parse_int_with_suffix(text)
+        except ValueError:
+            options["memory_chunk"] = None
+        if options["memory_chunk"] is None or options["memory_chunk"] < 1:
+            raise ValueError(f"--memory-chunk {text!r}: must be {MEMORY_CHUNK_RULE}; forms: 2048, 4k")
     try:
         check_options(**options)
     except ValueError as e:

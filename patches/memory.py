@@ -16,16 +16,21 @@ Reversible like a patch: each wrapped module gets an instance `forward` (or, und
 accelerate hook, an `_old_forward`, so the hook still moves the weights once per call, not
 once per chunk) and `undo()` restores exactly what was there. Sequences of at most `chunk`
 tokens (decoding) take the module's own path unchanged. Composes with `ropelab.patch`,
-which touches rotary and attention modules only.
+which touches rotary and attention modules only. `active_memory_mode(model)` is the mode in
+force on a model (the command line's `--memory-chunk`, evals/loading.py, applies one at load).
 """
 
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
+
+# model -> its memory mode in force. Weak, so the mode never keeps a model alive.
+ACTIVE: weakref.WeakKeyDictionary[nn.Module, MemoryMode] = weakref.WeakKeyDictionary()
 
 NORM_SUFFIXES = ("norm", "layernorm", "ln_1", "ln_2", "ln_attn", "ln_mlp")  # Falcon: ln_attn, ln_mlp
 
@@ -67,7 +72,8 @@ class MemoryMode:
     """Chunked position-wise modules in force on a model; `undo()` restores them exactly."""
 
     def __init__(self, model: nn.Module, chunk: int):
-        self.model, self.chunk = model, chunk
+        # A weak reference: ACTIVE's value must not keep its own key (the model) alive.
+        self.model_ref, self.chunk = weakref.ref(model), chunk
         self.modules: list[str] = []
         self._undo: list[Callable[[], None]] = []
 
@@ -83,6 +89,9 @@ class MemoryMode:
     def undo(self) -> None:
         while self._undo:
             self._undo.pop()()
+        model = self.model_ref()
+        if model is not None and ACTIVE.get(model) is self:
+            del ACTIVE[model]
 
     def __enter__(self) -> MemoryMode:
         return self
@@ -114,7 +123,16 @@ def memory_mode(model: nn.Module, chunk: int = 4096) -> MemoryMode:
     except BaseException:
         mode.undo()
         raise
+    ACTIVE[model] = mode
     return mode
+
+
+def active_memory_mode(model: nn.Module) -> MemoryMode | None:
+    """The memory mode in force on `model`, or None (also for objects that are no module)."""
+    try:
+        return ACTIVE.get(model)
+    except TypeError:  # not weakly referenceable (None, a dict): no mode can be in force on it
+        return None
 
 
 @contextlib.contextmanager

@@ -9,7 +9,7 @@ import torch
 from tiny_models import FAMILIES, build, logits, tokens
 
 from ropelab.patches import patch
-from ropelab.patches.memory import chunked_position_wise, memory_mode
+from ropelab.patches.memory import active_memory_mode, chunked_position_wise, memory_mode
 
 IDS = tokens(48)
 CHUNK = 5  # does not divide 48: the last slice is short
@@ -100,6 +100,15 @@ def test_bad_chunk_and_twice_are_refused():
     with memory_mode(model, chunk=8), pytest.raises(RuntimeError, match="already in force"):
         memory_mode(model, chunk=8)
     assert "_ropelab_chunked" not in vars(model.model.layers[0].mlp)
+
+
+def test_active_memory_mode_names_the_mode_in_force_until_undone():
+    model = build("llama")
+    assert active_memory_mode(model) is None and active_memory_mode(None) is None
+    mode = memory_mode(model, chunk=8)
+    assert active_memory_mode(model) is mode and active_memory_mode(build("llama")) is None
+    mode.undo()
+    assert active_memory_mode(model) is None
 
 
 @pytest.mark.slow
