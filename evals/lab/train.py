@@ -51,14 +51,14 @@ class TrainConfig:
     size: str = "tiny"
     train_length: int = 128
     batch_size: int = 8
-    tokens: int = 262_144  # budget: steps = tokens // (batch_size × train_length); README "The lab" for its cost
+    tokens: int = 2_097_152  # budget: steps = tokens // (batch_size × train_length); README "The lab" for its cost
     lr: float = 2e-3
     warmup: float = 0.05  # fraction of the steps with a linear warm-up; then cosine to 10%
     weight_decay: float = 0.01
     seed: int = 0
     data: str = "stdlib"
     heldout_every: int = 20
-    tokenizer: str = "smollm2-135m"  # the default model's tokenizer (or a folder, or 'given')
+    tokenizer: str = "corpus:4096"  # BPE trained on the training split; or a default model's name, a folder, 'given'
     logn_length: int | None = None  # rope-logn: L0 of the log-n scale (default train_length/4)
     inverse_window: int | None = None  # inverse-leaky: w (default train_length/4)
     inverse_scale: float | None = None  # inverse-leaky: the stretch s = 1/k (default 16)
