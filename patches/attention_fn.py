@@ -36,8 +36,8 @@ the plan of the attention (kernels/plan.py `StepPlan`: its parts and the query r
 cos/sin). A step is found by the values it follows from (the last position of each
 sequence, the shapes, the method and frequencies, the window, scale and soft-cap, and the
 padding mask's contents), never by a tensor's identity, so no crop, reorder or new step
-can find a stale one. At an 8k cache this bookkeeping cost about as much per layer as
-the rotations themselves (benchmarks/bench_decode.py).
+can find a stale one. Per layer and step, this bookkeeping had cost several times the
+Python work of an SDPA call (README, issue 9's decode section).
 """
 
 from __future__ import annotations
