@@ -5,6 +5,7 @@ KV-cache memory.
     python benchmarks/bench_decode.py                    # 8k context, 5 rounds of 16 steps
     python benchmarks/bench_decode.py --context 4096 --rounds 7 --steps 32
     python benchmarks/bench_decode.py --key-cache kept,lean   # both modes, interleaved
+    python benchmarks/bench_decode.py --threads 1 --thread-time  # CPU time beside wall time
 
 `--key-cache` (patch(..., key_cache=...)): "kept" keeps each cached key's rotated forms
 with the cache (a step rotates its new key only), "lean" keeps none (every key rotated in
@@ -24,6 +25,13 @@ ratios to the unpatched model with their min-max over rounds (with 5 rounds, the
 that holds the true median ratio with probability 1 - 2·0.5^5 ≈ 94%). Issue 9's target for
 rerope, leaky-rerope and self-extend: ≤ 1.10× at 8k. `ntk` is a control: it runs exactly
 the unpatched decode path (only its inv_freq buffer differs), so its ratio shows the noise.
+
+`--thread-time` (with `--threads 1`, where the decoding thread does all the work) also
+times every step by the CPU time of that thread (`time.thread_time`) and reports it beside
+the wall time, the same statistics from the same steps. On a shared machine a step's wall
+time includes the time other processes held the core; its CPU time does not (it still
+feels their pressure on caches and memory bandwidth), so the CPU-time ratio is the steadier
+of the two there, and on an idle machine the two agree.
 """
 
 from __future__ import annotations
@@ -59,7 +67,15 @@ def main() -> None:
     parser.add_argument("--prefill", action="store_true", help="fill each cache by a real prefill")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--key-cache", default="kept", help="'kept', 'lean' or 'kept,lean' (both, interleaved)")
+    parser.add_argument("--thread-time", action="store_true",
+                        help="also report each step's CPU time of the decoding thread (needs --threads 1)")
     args = parser.parse_args()
+    if args.thread_time and args.threads != 1:
+        parser.error(f"--thread-time with --threads={args.threads}: needs --threads 1 (the CPU time of the "
+                     "decoding thread leaves out torch's other threads)")
+    for name in ("context", "steps", "rounds"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name}={getattr(args, name)}: must be >= 1")
     modes = [m for m in args.key_cache.split(",") if m]
     for mode in modes:
         if mode not in ("kept", "lean"):
@@ -84,7 +100,9 @@ def main() -> None:
     methods = [label for label, _, _ in entries]
     spec = {label: (method, mode) for label, method, mode in entries}
     caches = {}
-    rounds: dict[str, list[float]] = {m: [] for m in methods}
+    clocks = ["wall", "cpu"] if args.thread_time else ["wall"]
+    # clock -> method -> the median step of each round
+    rounds: dict[str, dict[str, list[float]]] = {clock: {m: [] for m in methods} for clock in clocks}
     with torch.inference_mode():
         for method in methods:
             caches[method] = DynamicCache(config=model.config)
@@ -108,31 +126,39 @@ def main() -> None:
             for method in methods:
                 handle = None if spec[method][0] == "none" else ropelab.patch(model, spec[method][0],
                                                                               key_cache=spec[method][1])
-                cache, steps = caches[method], []
+                cache, steps = caches[method], {clock: [] for clock in clocks}
                 try:
                     model(ids[:, args.context : args.context + 1], past_key_values=cache, use_cache=True)  # warm-up
                     for t in range(args.context + 1, args.context + 1 + args.steps):
-                        start = time.perf_counter()
+                        start, cpu = time.perf_counter(), time.thread_time()
                         model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
-                        steps.append(time.perf_counter() - start)
+                        steps["wall"].append(time.perf_counter() - start)
+                        if args.thread_time:
+                            steps["cpu"].append(time.thread_time() - cpu)
                     cache.crop(-(args.steps + 1))
                 finally:
                     if handle is not None:
                         handle.undo()
-                rounds[method].append(statistics.median(steps))
-                print(f"round {round_ + 1} {method}: median {1000 * rounds[method][-1]:.1f} ms", file=sys.stderr,
+                for clock in clocks:
+                    rounds[clock][method].append(statistics.median(steps[clock]))
+                print(f"round {round_ + 1} {method}: median " +
+                      ", ".join(f"{1000 * rounds[c][method][-1]:.1f} ms {c}" for c in clocks), file=sys.stderr,
                       flush=True)
     base = methods[0]
     kv_base = cache_bytes(caches[base])[0]
-    print(f"| method | ms/token at {args.context} (median of {args.rounds} round medians, {args.steps} steps each) "
-          f"| × {base} (median, min-max over rounds) | KV cache MB | rotated keys MB | cache × {base} |")
-    print("|---|---|---|---|---|---|")
+    head = "".join(f"| {c} ms/token | {c} × {base} (median, min-max) " for c in clocks)
+    print(f"ms/token at {args.context}: median of {args.rounds} round medians ({args.steps} steps each); "
+          f"× {base}: median of the per-round ratios, min-max over rounds")
+    print(f"| method {head}| KV cache MB | rotated keys MB | cache × {base} |")
+    print("|---" * (4 + 2 * len(clocks)) + "|")
     for method in methods:
-        ratios = sorted(a / b for a, b in zip(rounds[method], rounds[base]))
+        cells = ""
+        for clock in clocks:
+            ratios = sorted(a / b for a, b in zip(rounds[clock][method], rounds[clock][base]))
+            cells += (f"| {1000 * statistics.median(rounds[clock][method]):.1f} | {statistics.median(ratios):.2f} "
+                      f"({ratios[0]:.2f}-{ratios[-1]:.2f}) ")
         kv, forms = cache_bytes(caches[method])
-        print(f"| {method} | {1000 * statistics.median(rounds[method]):.1f} | {statistics.median(ratios):.2f} "
-              f"({ratios[0]:.2f}-{ratios[-1]:.2f}) | {kv / 2**20:.0f} | {forms / 2**20:.0f} | "
-              f"{(kv + forms) / kv_base:.2f} |")
+        print(f"| {method} {cells}| {kv / 2**20:.0f} | {forms / 2**20:.0f} | {(kv + forms) / kv_base:.2f} |")
 
 
 if __name__ == "__main__":

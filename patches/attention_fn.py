@@ -28,29 +28,59 @@ With a KV cache, the rotated forms of its keys are kept on the cache layer
 (patches/key_cache.py), so a decoding step rotates only its new query and key rows; the
 cache object reaches this function through a forward pre-hook on each attention module
 (`capture_cache`), since transformers does not pass it to attention functions.
+
+A decoding step (a few query rows, on the CPU) calls this function once per layer with the
+same positions, so what follows from them alone is worked out by the first layer and
+reused by the others (`Step`): the offsets, the cos/sin of the new keys' rotated forms and
+the plan of the attention (kernels/plan.py `StepPlan`: its parts and the query rows'
+cos/sin). A step is found by the values it follows from (the last position of each
+sequence, the shapes, the method and frequencies, the window, scale and soft-cap, and the
+padding mask's contents), never by a tensor's identity, so no crop, reorder or new step
+can find a stale one. Per layer and step, this bookkeeping had cost several times the
+Python work of an SDPA call (README, issue 9's decode section).
 """
 
 from __future__ import annotations
 
+import itertools
 import weakref
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from ..kernels.plan import rotate_key_forms
+from ..kernels.plan import StepPlan, build_plan, key_form_rows, rotate_key_forms, step_plan
+from ..kernels.tables import Rows
 from ..method import Method
 from . import key_cache
 
 NAME = "ropelab"
+# Calls with at most this many query rows share their step's positions and plan across layers.
+STEP_ROWS = 64
+# Steps remembered per patched model: one per distinct (layer kind, window) of a step.
+STEPS_KEPT = 8
+
+
+@dataclass
+class Step:
+    """What every layer of one decoding step shares: the position of key index 0 per
+    sequence, the cos/sin of the new keys' rotated forms (None when none are kept), the
+    padding mask it was made for, and the step's plan once the first layer has built it."""
+
+    offset: torch.Tensor  # (B,) int64
+    key_rows: dict[str, Rows] | None  # key form -> its cos/sin at the query positions
+    mask: torch.Tensor | None
+    plan: StepPlan | None = None
 
 
 @dataclass
 class PositionState:
     """Positions seen by the patched rotary module in the current forward (a fallback for
-    families whose attention does not forward `position_ids`)."""
+    families whose attention does not forward `position_ids`); shared by every route of one
+    patched model, and so the home of the steps its layers share."""
 
     position_ids: torch.Tensor | None = None
+    steps: dict = field(default_factory=dict)  # step key (`_step`) -> Step, oldest first
 
 
 @dataclass
@@ -68,6 +98,7 @@ class Route:
     calls: int = 0
     # the KV cache of the current forward (weakly: a dropped cache must be freed), or None
     cache: weakref.ref | None = None
+    share: int | None = None  # routes with equal method, layout, frequencies and factor share steps
     _by_length: dict = field(default_factory=dict)  # seq_len -> (inv_freq, factor), when inv_freq is None
 
     def frequencies(self, seq_len: int) -> tuple[torch.Tensor, float]:
@@ -83,6 +114,9 @@ class Route:
 
 # attention module -> its route. Weak, so a deleted model leaves nothing behind.
 ROUTES: weakref.WeakKeyDictionary[nn.Module, Route] = weakref.WeakKeyDictionary()
+# (method, layout, frequencies' bytes, factor) -> token; equal routes of any layer get one token
+_SHARED: dict = {}
+_TOKENS = itertools.count()
 
 
 def padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
@@ -128,10 +162,14 @@ def ropelab_attention(module, query, key, value, attention_mask, scaling=None, d
     positions = position_ids if position_ids is not None else route.positions.position_ids
     if positions is None:
         raise RuntimeError(f"{type(module).__name__}: no position_ids reached the ropelab attention")
-    last = positions[:, -1].to(device=query.device, dtype=torch.long).expand(batch)  # (B,) position of the last query
-    offset = last - (key_length - 1)  # (B,) position of key index 0
+    step = _step(route, positions, query, key, value, attention_mask, sliding_window, scaling, softcap)
+    if step is not None:
+        offset = step.offset
+    else:
+        last = positions[:, -1].to(device=query.device, dtype=torch.long).expand(batch)  # (B,) last query's position
+        offset = last - (key_length - 1)  # (B,) position of key index 0
 
-    forms = None if layer is None else _key_forms(route, *layer, query, key, offset)
+    forms = None if layer is None else _key_forms(route, *layer, query, key, offset, step)
 
     def run(seq_len, rows=slice(None), queries=slice(None), keys=slice(None)):
         """Attention of sequences `rows`, query rows `queries` over key indices `keys` (a
@@ -153,7 +191,9 @@ def ropelab_attention(module, query, key, value, attention_mask, scaling=None, d
             return [(slice(None), distinct[0])]
         return [((values == v).nonzero().flatten(), v) for v in distinct]
 
-    if route.inv_freq is not None:
+    if step is not None:
+        out = _run_step(step, route, query, key, value, attention_mask, sliding_window, scaling, softcap, forms)
+    elif route.inv_freq is not None:
         out = run(0)
     elif route.method.per_query_frequencies:
         out = _per_query(run, groups(offset), route.method.required_train_length(), query, value)
@@ -183,18 +223,81 @@ def _cache_layer(module, route: Route, key, new: int):
     return key_cache.visible_keys(cache, getattr(module, "layer_idx", None), key, new)
 
 
-def _key_forms(route: Route, layer, seen: key_cache.Visible, query, key, offset) -> dict | None:
+def _key_forms(route: Route, layer, seen: key_cache.Visible, query, key, offset, step: Step | None) -> dict | None:
     """The rotated forms of every key, kept on the cache layer (patches/key_cache.py), or
     None in lean mode or when the method's forms cannot be cached."""
     if route.key_cache != "kept" or route.inv_freq is None or not route.method.key_rotations_cacheable:
         return None
-    device = key.device
+    device, T = key.device, query.shape[2]
 
     def rotate(keys, index: slice):
+        if step is not None and step.key_rows is not None and index.stop == key.shape[2] and \
+                index.stop - index.start == T:  # the step's new keys: at its query positions
+            return {name: rows.rotate(keys) for name, rows in step.key_rows.items()}
         positions = torch.arange(index.start, index.stop, device=device)[None, :] + offset[:, None]
         return rotate_key_forms(route.method, route.inv_freq, route.attention_factor, route.layout, keys, positions)
 
     return key_cache.key_forms_for(layer, seen, key, query.shape[2], rotate)
+
+
+def _share(route: Route) -> int:
+    """The route's sharing token: equal for routes with equal method, layout, frequencies and
+    attention factor (every layer holds its own copy of the frequencies)."""
+    if route.share is None:
+        freq = route.inv_freq.detach().to(device="cpu", dtype=torch.float64).numpy().tobytes()
+        signature = (route.method, route.layout, freq, route.attention_factor)
+        try:
+            route.share = _SHARED.setdefault(signature, next(_TOKENS))
+        except TypeError:  # a method with an unhashable field: this route shares with no other
+            route.share = next(_TOKENS)
+        if len(_SHARED) > 1024:  # tokens are never reused, so forgetting costs only sharing
+            _SHARED.clear()
+    return route.share
+
+
+def _step(route: Route, positions, query, key, value, attention_mask, sliding_window, scaling,
+          softcap) -> Step | None:
+    """The decoding step this call belongs to (made by the step's first layer), or None when
+    its layers share nothing: frequencies that follow a length, more than STEP_ROWS query
+    rows, or tensors off the CPU (reading the positions there would synchronise)."""
+    T = query.shape[2]
+    if route.inv_freq is None or T > STEP_ROWS or query.device.type != "cpu" or positions.device.type != "cpu":
+        return None
+    last = positions[:, -1]
+    found = (_share(route), route.key_cache, tuple(query.shape), tuple(key.shape), value.shape[-1], query.dtype,
+             tuple(last.tolist()), sliding_window, scaling, softcap, attention_mask is None)
+    steps = route.positions.steps
+    step = steps.get(found)
+    if step is not None:
+        if attention_mask is None or torch.equal(step.mask, attention_mask):
+            return step
+        return None  # another padding of the same shapes: this call plans for itself
+    batch = query.shape[0]
+    last = last.to(dtype=torch.long).expand(batch)
+    rows = None
+    if route.key_cache == "kept" and route.method.key_rotations_cacheable:
+        new = last[:, None] + torch.arange(1 - T, 1)  # the new keys sit at the queries' positions
+        rows = {name: Rows.of(cos, sin, route.layout) for name, (cos, sin) in
+                key_form_rows(route.method, route.inv_freq, route.attention_factor, new, query.dtype).items()}
+    step = steps[found] = Step(last - (key.shape[2] - 1), rows, attention_mask)
+    while len(steps) > STEPS_KEPT:
+        steps.pop(next(iter(steps)), None)
+    return step
+
+
+def _run_step(step: Step, route: Route, query, key, value, attention_mask, sliding_window, scaling, softcap,
+              forms) -> torch.Tensor:
+    """Attention of one layer of a step: the step's plan on this layer's tensors, or, for the
+    step's first layer, a plan built (and validated) here and kept for the others."""
+    from ..attention import run_plan
+
+    if step.plan is not None:
+        return run_plan(step.plan.on(query, key, value, forms))
+    plan = build_plan(query, key, value, route.method, route.inv_freq, attention_factor=route.attention_factor,
+                      layout=route.layout, position_offset=step.offset, key_padding_mask=attention_mask,
+                      sliding_window=sliding_window, scale=scaling, softcap=softcap, key_forms=forms)
+    step.plan = step_plan(plan)
+    return run_plan(plan)
 
 
 def capture_cache(attention: nn.Module, route: Route):

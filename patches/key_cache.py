@@ -181,8 +181,18 @@ def _quantized(layer, state, key, new):
     return Visible(0, S, 0, stale_after=S == new or layer.keys.numel() == 0)
 
 
+_READERS: list = []
+
+
 def _readers() -> list[tuple[type, Callable, bool]]:
-    """(layer class, reader, exact type only) in the order they are tried."""
+    """(layer class, reader, exact type only) in the order they are tried (found once: every
+    layer of every step asks)."""
+    if not _READERS:
+        _READERS.extend(_find_readers())
+    return _READERS
+
+
+def _find_readers() -> list[tuple[type, Callable, bool]]:
     from transformers import cache_utils as cu
 
     found = [(getattr(cu, "Fp8QuantizedLayer", None), _fp8, True), (cu.QuantizedLayer, _quantized, False),

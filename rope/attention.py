@@ -39,8 +39,8 @@ from .kernels.merge import merge_by_lse
 from .kernels.plan import Plan, build_plan, rotate_key_forms
 from .method import Method
 
-__all__ = ["rotary_attention", "merge_by_lse", "flash_attention_lse", "rotate_key_forms", "choose_backend",
-           "BACKENDS"]
+__all__ = ["rotary_attention", "run_plan", "merge_by_lse", "flash_attention_lse", "rotate_key_forms",
+           "choose_backend", "BACKENDS"]
 
 flash_attention_lse = cpu.flash_attention_lse
 
@@ -83,6 +83,15 @@ def choose_backend(plan: Plan, backend: str = "auto") -> str:
 
 
 _RUN = {"cpu": cpu.run, "eager": eager.run, "flash-attn": flash_attn.run, "flex": flex.run}
+
+
+def run_plan(plan: Plan, backend: str = "auto") -> torch.Tensor:
+    """Attention of a plan (kernels/plan.py) by `backend` (one of BACKENDS), (B, H, T, Dv)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r}: must be one of {BACKENDS}")
+    if plan.query.shape[2] == 0:
+        return plan.query.new_zeros(*plan.query.shape[:3], plan.value.shape[-1])
+    return _RUN[choose_backend(plan, backend)](plan)
 
 
 def rotary_attention(
@@ -132,6 +141,4 @@ def rotary_attention(
     plan = build_plan(query, key, value, method, inv_freq, attention_factor=attention_factor, layout=layout,
                       position_offset=position_offset, key_padding_mask=key_padding_mask,
                       sliding_window=sliding_window, scale=scale, softcap=softcap, key_forms=key_forms)
-    if query.shape[2] == 0:
-        return query.new_zeros(*query.shape[:3], value.shape[-1])
-    return _RUN[choose_backend(plan, backend)](plan)
+    return run_plan(plan, backend)

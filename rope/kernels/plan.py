@@ -29,15 +29,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
 from ..method import Method
 from ..rotary import LAYOUTS
-from .tables import frequencies_on, rotate
+from .tables import Rows, cos_sin_rows, frequencies_on, rotate, rotate_rows
 
-__all__ = ["Part", "Plan", "Rotation", "build_plan", "rotations", "rotate_key_forms"]
+__all__ = ["Part", "Plan", "Rotation", "StepPlan", "build_plan", "rotations", "rotate_key_forms", "key_form_rows",
+           "step_plan"]
 
 
 def _identity(p: torch.Tensor) -> torch.Tensor:
@@ -96,15 +98,24 @@ def rotate_key_forms(method: Method, inv_freq: torch.Tensor, attention_factor: f
     (`method.key_rotations_cacheable`); a length-dependent frequency map is refused.
     `tables=False`: cos/sin computed directly, with no host synchronisation.
     """
+    rows = key_form_rows(method, inv_freq, attention_factor, positions, key.dtype, tables)
+    return {name: rotate_rows(key, cos, sin, layout, key.dtype) for name, (cos, sin) in rows.items()}
+
+
+def key_form_rows(method: Method, inv_freq: torch.Tensor, attention_factor: float, positions: torch.Tensor,
+                  dtype: torch.dtype, tables: bool = True) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """cos, sin (B, n, d/2) of each key form of `rotate_key_forms` for keys at positions
+    (B, n): `rotate_rows(key, cos, sin, layout, dtype)` is that form. Every layer of a
+    decoding step rotates its new keys at the same positions, so it looks them up once."""
     if not method.key_rotations_cacheable:
         raise ValueError(f"method={method.spec()!r}: its frequencies follow the sequence length, so a key's "
                          "rotated form changes as the sequence grows and cannot be cached")
-    forms = {}
-    for rot in rotations(method, inv_freq, attention_factor, key.device).values():
-        if rot.key_form is not None and rot.key_form not in forms:
-            forms[rot.key_form] = rotate(key, rot.key_position(positions), rot.inv_freq, rot.key_factor, layout,
-                                         key.dtype, tables=tables)
-    return forms
+    rows = {}
+    for rot in rotations(method, inv_freq, attention_factor, positions.device).values():
+        if rot.key_form is not None and rot.key_form not in rows:
+            rows[rot.key_form] = cos_sin_rows(rot.key_position(positions), rot.inv_freq, rot.key_factor, dtype,
+                                              tables)
+    return rows
 
 
 @dataclass(frozen=True)
@@ -123,6 +134,9 @@ class Part:
     rotation: Rotation
     cached_keys: torch.Tensor | None  # keys [key_start, key_stop) already rotated, or None
     ranges: tuple[torch.Tensor, torch.Tensor] | None = None  # (starts, stops), (B, T - first_row) each
+    # the query rows' cos/sin [first_row, T), looked up once for every layer of a decoding
+    # step (`step_plan`), or None: looked up by `rotated_queries`
+    query_rows: Rows | None = None
 
     @property
     def is_band(self) -> bool:
@@ -153,9 +167,11 @@ class Plan:
         """The part's query rows [first_row, T), rotated (and log-n scaled). `tables=False`:
         cos/sin computed directly, no host synchronisation (kernels/tables.py)."""
         rot, t0 = part.rotation, part.first_row
+        row_scale = None if self.row_scale is None else self.row_scale[:, t0:]
+        if part.query_rows is not None:
+            return part.query_rows.rotate(self.query[:, :, t0:], row_scale)
         return rotate(self.query[:, :, t0:], rot.query_position(self.query_positions[:, t0:]), rot.inv_freq,
-                      rot.query_factor, self.layout, self.query.dtype,
-                      None if self.row_scale is None else self.row_scale[:, t0:], tables)
+                      rot.query_factor, self.layout, self.query.dtype, row_scale, tables)
 
     def rotated_keys(self, part: Part, tables: bool = True) -> torch.Tensor:
         """The part's keys [key_start, key_stop): cached, raw (ReRoPE's far part) or rotated now."""
@@ -167,6 +183,61 @@ class Plan:
             return keys
         positions = rot.key_position(self.key_positions[:, part.key_start : part.key_stop])
         return rotate(keys, positions, rot.inv_freq, rot.key_factor, self.layout, self.query.dtype, tables=tables)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """A plan without its query, key and value: what every layer of one decoding step shares
+    (positions, parts, the query rows' cos/sin), made by `step_plan` from the first layer's
+    plan. `on` puts another layer's tensors of the same shapes into it, so that layer's plan
+    costs no validation, no cutting into parts and no table look-up; the numbers are those
+    `build_plan` would give it."""
+
+    template: Plan  # query, key and value as meta tensors (their shapes and dtype); parts hold no keys
+    device: torch.device
+
+    def on(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+           key_forms: Mapping[str, torch.Tensor] | None = None) -> Plan:
+        """The plan of another layer of the step: its unrotated query, key and value, and
+        its keys' rotated forms (as `build_plan` takes them) or None."""
+        t = self.template
+        for name, x, like in (("query", query, t.query), ("key", key, t.key), ("value", value, t.value)):
+            if x.shape != like.shape or x.dtype != like.dtype or x.device != self.device:
+                raise _err(f"{name}.shape", tuple(x.shape), f"must be shaped, typed and placed like the step's "
+                                                            f"{tuple(like.shape)} {like.dtype} on {self.device}")
+        parts = t.parts
+        if key_forms is not None:
+            parts = tuple(part if part.rotation.key_form is None else
+                          dataclasses.replace(part, cached_keys=_form(key_forms, part, key)) for part in parts)
+        return dataclasses.replace(t, query=query, key=key, value=value, parts=parts)
+
+
+def _form(key_forms: Mapping[str, torch.Tensor], part: Part, key: torch.Tensor) -> torch.Tensor:
+    name = part.rotation.key_form
+    form = key_forms.get(name)
+    if not isinstance(form, torch.Tensor) or form.shape != key.shape or form.dtype != key.dtype \
+            or form.device != key.device:
+        raise _err(f"key_forms[{name!r}]", getattr(form, "shape", form),
+                   f"must be a tensor shaped, typed and placed like key {tuple(key.shape)}")
+    return form[:, :, part.key_start : part.key_stop]
+
+
+def step_plan(plan: Plan) -> StepPlan:
+    """`plan` without its tensors, its query rows' cos/sin looked up (in the query's dtype,
+    as `Plan.rotated_queries` would), to be put on every other layer of the step (`StepPlan.on`)."""
+
+    def meta(t: torch.Tensor) -> torch.Tensor:
+        return torch.empty(t.shape, dtype=t.dtype, device="meta")
+
+    parts = []
+    for part in plan.parts:
+        rot, t0 = part.rotation, part.first_row
+        cos, sin = cos_sin_rows(rot.query_position(plan.query_positions[:, t0:]), rot.inv_freq, rot.query_factor,
+                                plan.query.dtype)
+        parts.append(dataclasses.replace(part, cached_keys=None, query_rows=Rows.of(cos, sin, plan.layout)))
+    template = dataclasses.replace(plan, query=meta(plan.query), key=meta(plan.key), value=meta(plan.value),
+                                   parts=tuple(parts))
+    return StepPlan(template, plan.query.device)
 
 
 def _err(field: str, value, rule: str) -> ValueError:

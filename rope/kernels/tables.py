@@ -18,12 +18,13 @@ from __future__ import annotations
 import threading
 import weakref
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import torch
 
 from ..rotary import angles
 
-__all__ = ["cos_sin_rows", "rotate", "frequencies_on", "TableCache"]
+__all__ = ["cos_sin_rows", "rotate", "rotate_rows", "Rows", "frequencies_on", "TableCache"]
 
 # Elements per table: 16 MB each for cos and sin in float32 (131k positions at d=64).
 TABLE_LIMIT = 1 << 22
@@ -106,15 +107,23 @@ def cos_sin_rows(positions: torch.Tensor, inv_freq: torch.Tensor, factor: float,
 
 def rotate(x, positions, inv_freq, factor, layout, dtype, row_scale=None, tables: bool = True):
     """x (B, H, n, D) rotated at positions (B, n) with `inv_freq`; cos and sin times `factor`
-    and, when given, the whole row times `row_scale` (B, n) (log-n).
-
-    Same result as `apply_rotary` with `cos_sin` tables. Written as four fused
-    multiply-adds into one buffer with half-width tables, because it runs over every query
-    twice and `rotate_half`'s concatenations would cost as much again as the arithmetic.
-    """
-    half = inv_freq.numel()
-    rotary_dim = 2 * half
+    and, when given, the whole row times `row_scale` (B, n) (log-n). Same result as
+    `apply_rotary` with `cos_sin` tables: `rotate_rows` of `cos_sin_rows`."""
     cos, sin = cos_sin_rows(positions, inv_freq, factor, dtype, tables)
+    return rotate_rows(x, cos, sin, layout, dtype, row_scale)
+
+
+def rotate_rows(x, cos, sin, layout, dtype, row_scale=None):
+    """x (B, H, n, D) rotated with cos, sin (B, n, d/2) from `cos_sin_rows` (the first d dims;
+    the rest pass through), the whole row times `row_scale` (B, n) when given. A decoding
+    step looks its rows up once and rotates every layer's new rows with them.
+
+    Written as four fused multiply-adds into one buffer with half-width tables, because it
+    runs over every query twice and `rotate_half`'s concatenations would cost as much again
+    as the arithmetic.
+    """
+    half = cos.shape[-1]
+    rotary_dim = 2 * half
     if row_scale is not None:
         cos, sin = cos * row_scale.to(dtype)[..., None], sin * row_scale.to(dtype)[..., None]
     cos, sin = cos[:, None], sin[:, None]
@@ -146,6 +155,47 @@ def rotate(x, positions, inv_freq, factor, layout, dtype, row_scale=None, tables
         else:
             torch.mul(x[..., rotary_dim:], row_scale.to(dtype)[:, None, :, None], out=out[..., rotary_dim:])
     return out
+
+
+@dataclass(frozen=True)
+class Rows:
+    """cos and sin of a few rows, looked up once to rotate many tensors at those rows (every
+    layer of a decoding step rotates its new query and key rows at the same positions).
+
+    Besides the half-width tables of `cos_sin_rows` it holds full-width ones with the sign
+    of `rotate_half` folded into sin: a row whose dims are all rotary is then x·cos' +
+    swap(x)·sin' (swap: the halves, or each pair, exchanged), three operations instead of
+    `rotate_rows`' dozen. The same products and sums in the same order, so the same bits:
+    x1·cos + x2·(-sin) is x1·cos - x2·sin exactly (negation is exact).
+    """
+
+    cos: torch.Tensor  # (B, n, d/2)
+    sin: torch.Tensor
+    layout: str
+    full_cos: torch.Tensor  # (B, 1, n, d)
+    signed_sin: torch.Tensor
+
+    @classmethod
+    def of(cls, cos: torch.Tensor, sin: torch.Tensor, layout: str) -> Rows:
+        if layout == "half":
+            full_cos, signed_sin = torch.cat((cos, cos), -1), torch.cat((-sin, sin), -1)
+        else:
+            full_cos, signed_sin = torch.stack((cos, cos), -1).flatten(-2), torch.stack((-sin, sin), -1).flatten(-2)
+        return cls(cos, sin, layout, full_cos[:, None], signed_sin[:, None])
+
+    def rotate(self, x: torch.Tensor, row_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, H, n, D) rotated at these rows, in x's dtype (as `rotate_rows`)."""
+        dim = self.full_cos.shape[-1]
+        if row_scale is not None or x.shape[-1] != dim or x.dtype != self.cos.dtype or \
+                (torch.is_grad_enabled() and x.requires_grad):
+            return rotate_rows(x, self.cos, self.sin, self.layout, x.dtype, row_scale)
+        if self.layout == "half":
+            swapped = x.roll(dim // 2, -1)
+        else:
+            swapped = x.unflatten(-1, (dim // 2, 2)).flip(-1).flatten(-2)
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        torch.mul(x, self.full_cos, out=out)
+        return out.addcmul_(swapped, self.signed_sin)
 
 
 class _Derived:
