@@ -6,16 +6,25 @@ leaky-rerope, self-extend ≤ 1.6× time and ≤ 1.25× memory at 16k, decode �
     python benchmarks/bench_patch.py                         # the full table (~20 min on 2 cores)
     python benchmarks/bench_patch.py --lengths 4096 --skip-decode
 
-What is measured: the decoder forward that the harness runs (`model.model(input_ids)`, final
-hidden states; the LM head is applied in chunks by the harness and is the same for every
-method), float32, under `torch.inference_mode()`.
+What is measured: the decoder forward that the harness runs (`model.model(input_ids,
+use_cache=False)`, final hidden states; the LM head is applied in chunks by the harness and
+is the same for every method), float32, under `torch.inference_mode()`. `--cache kept|lean`
+measures instead a prefill into a DynamicCache, as `generate` runs it, with the patch's
+`key_cache` mode: "kept" also keeps one rotated copy of every layer's keys on the cache
+(patches/key_cache.py; 30 layers x 3 heads x 16384 x 64 float32 = 360 MiB at 16k), "lean"
+keeps none. Before this option existed the bench called `model.model(input_ids)`, whose
+default `use_cache=True` built such a cache (kept mode for patched models), so its peaks
+held the cache too.
 
 Peak memory: every (length, method) case runs in a fresh subprocess that loads the model
 (from a float32 state dict saved once, so loading takes seconds), warms up on 64 tokens,
 and samples its resident set every 2 ms during the forward; the peak minus the resident
 set at the start is the extra memory the forward needed (activations, attention
-workspace, the kernel's tables). Large tensors are mmap-backed and returned to the OS on
-free, so the resident set follows what is alive.
+workspace, the kernel's tables, the cache when there is one). The subprocess runs with
+glibc's mmap threshold fixed (`MALLOC`), so every large tensor is mmap-backed and returned
+to the OS on free and the resident set follows what is alive; left alone, the threshold
+rises as loading frees large blocks, later tensors reuse heap pages already resident, and
+the peak depends on what loading left behind.
 
 Time: the same subprocess times that forward (one run: at these sizes a forward takes
 10-100 s, far above timer noise; cases of one length run back to back, methods interleaved,
@@ -37,6 +46,9 @@ import time
 METHODS = ["none", "ntk:scale=2", "yarn:scale=2", "rerope:window=4096", "leaky-rerope:window=2048,scale=16",
            "self-extend:window=1024,group=8"]
 TARGETS = {"frequencies": (1.03, 1.02), "attention": (1.6, 1.25)}
+CACHES = ("none", "kept", "lean")
+# glibc mallopt(3) M_MMAP_THRESHOLD, fixed (as in benchmarks/bench_memory_mode.py).
+MALLOC = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
 def _current_rss_mb() -> float:
@@ -70,7 +82,7 @@ class PeakRSS:
         self.extra_mb = self.peak - self.start
 
 
-def _load(model_dir: str, method: str):
+def _load(model_dir: str, method: str, key_cache: str = "kept"):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -80,39 +92,40 @@ def _load(model_dir: str, method: str):
     config = AutoConfig.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     model.load_state_dict(torch.load(f"{model_dir}/weights.pt", mmap=True), assign=True)
-    handle = None if method == "none" else ropelab.patch(model, method)
+    handle = None if method == "none" else ropelab.patch(model, method, key_cache=key_cache)
     return model, handle
 
 
-def _case(model_dir: str, method: str, length: int, decode: bool) -> dict:
+def _case(model_dir: str, method: str, length: int, decode: bool, cache: str = "none") -> dict:
     import torch
+    from transformers import DynamicCache
 
-    model, handle = _load(model_dir, method)
+    model, handle = _load(model_dir, method, "kept" if cache == "none" else cache)
     ids = torch.randint(0, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
-        model.model(ids[:, :64])  # warm-up: kernels, tables, lazy init
+        model.model(ids[:, :64], use_cache=False)  # warm-up: kernels, tables, lazy init
         if decode:
-            from transformers import DynamicCache
-
-            cache = DynamicCache(config=model.config)
-            model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            kv = DynamicCache(config=model.config)
+            model(ids, past_key_values=kv, use_cache=True, logits_to_keep=1)
             step, times = ids[:, -1:], []
             for _ in range(16):
                 start = time.perf_counter()
-                model(step, past_key_values=cache, use_cache=True)
+                model(step, past_key_values=kv, use_cache=True)
                 times.append(time.perf_counter() - start)
             times.sort()
             return {"decode_ms": 1000 * times[len(times) // 2]}
+        kwargs = {"use_cache": False} if cache == "none" else {"use_cache": True,
+                                                               "past_key_values": DynamicCache(config=model.config)}
         with PeakRSS() as rss:
             start = time.perf_counter()
-            model.model(ids)
+            model.model(ids, **kwargs)
             seconds = time.perf_counter() - start
     return {"seconds": seconds, "peak_mb": rss.extra_mb, "route": None if handle is None else handle.route}
 
 
-def _run_case(model_dir, method, length, decode) -> dict:
-    args = [sys.executable, __file__, "--case", model_dir, method, str(length), str(int(decode))]
-    out = subprocess.run(args, capture_output=True, text=True, check=False)
+def _run_case(model_dir, method, length, decode, cache="none") -> dict:
+    args = [sys.executable, __file__, "--case", model_dir, method, str(length), str(int(decode)), cache]
+    out = subprocess.run(args, capture_output=True, text=True, check=False, env={**os.environ, **MALLOC})
     if out.returncode:
         return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"}
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -124,11 +137,14 @@ def main() -> None:
     parser.add_argument("--methods", default=";".join(METHODS), help="';'-separated specs; 'none' is the baseline")
     parser.add_argument("--skip-decode", action="store_true")
     parser.add_argument("--decode-length", type=int, default=8192)
-    parser.add_argument("--case", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--cache", default="none", choices=CACHES,
+                        help="prefill without a cache (the harness's forward), or into a DynamicCache with the "
+                             "patch's key_cache mode kept/lean")
+    parser.add_argument("--case", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:
-        model_dir, method, length, decode = args.case
-        print(json.dumps(_case(model_dir, method, int(length), bool(int(decode)))))
+        model_dir, method, length, decode, cache = args.case
+        print(json.dumps(_case(model_dir, method, int(length), bool(int(decode)), cache)))
         return
 
     import torch
@@ -138,7 +154,8 @@ def main() -> None:
     methods = [m for m in args.methods.split(";") if m]
     if methods[0] != "none":
         methods.insert(0, "none")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores", file=sys.stderr)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores, cache "
+          f"{args.cache}", file=sys.stderr)
     with tempfile.TemporaryDirectory() as model_dir:
         model, _ = ropelab.load_default_model("smollm2-135m")
         # a GGUF-loaded model refuses save_pretrained: keep its config and dequantised weights
@@ -150,7 +167,7 @@ def main() -> None:
         del model
         rows = []
         for length in [int(x) for x in args.lengths.split(",")]:
-            results = {m: _run_case(model_dir, m, length, False) for m in methods}
+            results = {m: _run_case(model_dir, m, length, False, args.cache) for m in methods}
             base = results["none"]
             for m in methods:
                 r = results[m]
