@@ -41,6 +41,7 @@ import argparse
 import gc
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -239,7 +240,7 @@ def op_cases(args, backends, flash_fn):
     return cases
 
 
-def run_op_level(args, device, clock, backends, flash_fn) -> list[dict]:
+def run_op_level(args, device, clock, backends, flash_fn, save) -> list[dict]:
     import torch
     import torch.nn.functional as F
 
@@ -323,7 +324,8 @@ def run_op_level(args, device, clock, backends, flash_fn) -> list[dict]:
                 e.update(status="skipped", reason="budget spent before a timed round")
         del q, k, v
         free(device)
-    summarise(rows, "sdpa")
+        summarise(rows, "sdpa")
+        save(rows)  # a run killed later keeps the lengths finished
     return rows
 
 
@@ -416,7 +418,7 @@ def cache_bytes(cache) -> tuple[int, int]:
     return kv, forms
 
 
-def run_model_level(args, device, clock, attns) -> list[dict]:
+def run_model_level(args, device, clock, attns, save) -> list[dict]:
     import torch
     from transformers import DynamicCache
 
@@ -474,6 +476,8 @@ def run_model_level(args, device, clock, attns) -> list[dict]:
                         e.update(status="skipped", reason="budget spent before a timed round")
                 del ids
                 free(device)
+                summarise(rows, "unpatched")
+                save(rows)
             del model
             free(device)
     summarise(rows, "unpatched")
@@ -642,20 +646,30 @@ def main(argv=None) -> int:
     result = {"device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "transformers": transformers.__version__, "backends": backends,
               "attn_implementations": attns, "rounds": args.rounds, "smoke": args.smoke,
-              "budget_s": args.budget_s, "notes": notes, "op": [], "model": []}
+              "budget_s": args.budget_s, "notes": notes, "op": [], "model": [], "complete": False}
     both = len(args.levels) == 2 and args.budget_s is not None
     if "op" in args.levels:  # with both levels, the op level gets --op-share of the budget
         budget = args.budget_s * args.op_share if both else args.budget_s
-        result["op"] = run_op_level(args, device, Clock(device, budget), backends, flash_fn)
+        result["op"] = run_op_level(args, device, Clock(device, budget), backends, flash_fn,
+                                    lambda rows: save(result, args, op=rows))
     if "model" in args.levels:
         budget = None if args.budget_s is None else max(0.0, args.budget_s - (time.monotonic() - start))
-        result["model"] = run_model_level(args, device, Clock(device, budget), attns)
+        result["model"] = run_model_level(args, device, Clock(device, budget), attns,
+                                          lambda rows: save(result, args, model=rows))
     result["elapsed_s"] = time.monotonic() - start
+    result["complete"] = True
     print(markdown(result))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+    save(result, args)
     return 0
+
+
+def save(result: dict, args, **rows) -> None:
+    """Write the JSON (again): after every length, so a run stopped by a timeout keeps its rows."""
+    result.update(rows)
+    if args.out:
+        with open(args.out + ".tmp", "w") as f:
+            json.dump(result, f, indent=1, default=str)
+        os.replace(args.out + ".tmp", args.out)
 
 
 if __name__ == "__main__":
