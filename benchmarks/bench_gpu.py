@@ -9,7 +9,8 @@ Op level (Llama-3-8B attention shapes: 32 query heads, 8 KV heads, head dim 128)
 `ropelab.attention.rotary_attention` for rerope, leaky-rerope, self-extend and dca (a
 key-range method) on each backend present (`flex` always; `flash-attn` where flash_attn
 imports) against one causal `scaled_dot_product_attention` call (and one `flash_attn_func`
-causal call where flash-attn is present). bfloat16 error at the smallest length: the
+causal call where flash-attn is present), and the unpatched model's attention (`rope+sdpa`:
+RoPE applied in bfloat16 as transformers' Llama does, then the SDPA call). bfloat16 error at the smallest length: the
 largest absolute difference from a float64 reference computed on the device in row chunks
 (brute-force logits for the plain call and the relative methods, after the equations of
 tests/rope/test_attention.py's `reference`; ropelab's exact eager backend in float64 for
@@ -218,20 +219,27 @@ class plain_sdpa:
                     self.k, self.v = k, v
         raise RuntimeError("no fused SDPA kernel takes these inputs")
 
-    def __call__(self):
-        import torch
+    def __call__(self, q=None, k=None):
+        """The call on the inputs it was built with, or on other (same-shaped) q and k."""
         import torch.nn.functional as F
         from torch.nn.attention import sdpa_kernel
 
+        q = self.q if q is None else q
+        if k is None:
+            k = self.k
+        elif not self.gqa:
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], 1)
         kw = dict(is_causal=True, enable_gqa=True) if self.gqa else dict(is_causal=True)
         if self.kernels is None:
-            return F.scaled_dot_product_attention(self.q, self.k, self.v, **kw)
+            return F.scaled_dot_product_attention(q, k, self.v, **kw)
         with sdpa_kernel(self.kernels):
-            return F.scaled_dot_product_attention(self.q, self.k, self.v, **kw)
+            return F.scaled_dot_product_attention(q, k, self.v, **kw)
 
 
 def op_cases(args, backends, flash_fn):
-    cases = [("sdpa", "sdpa", None)]
+    # rope+sdpa: the unpatched model's attention (RoPE applied in bfloat16, as transformers'
+    # Llama does, then the plain call): its error is what a model's bf16 attention already has.
+    cases = [("sdpa", "sdpa", None), ("rope+sdpa", "sdpa", "rope")]
     if flash_fn is not None:
         cases.append(("flash_attn_func", "flash_attn_func", None))
     for spec in args.methods:
@@ -245,6 +253,7 @@ def run_op_level(args, device, clock, backends, flash_fn, save) -> list[dict]:
     import torch.nn.functional as F
 
     import ropelab
+    from ropelab import apply_rotary, cos_sin
     from ropelab.attention import rotary_attention
 
     H, Hkv, D = (2, 1, 32) if args.smoke else (32, 8, 128)
@@ -280,10 +289,13 @@ def run_op_level(args, device, clock, backends, flash_fn, save) -> list[dict]:
         methods = {spec: ropelab.parse_method(spec) for _, _, spec in cases if spec}
         sdpa = plain_sdpa(q, k, v, device)
         entries[("sdpa", "sdpa")]["sdpa_kernel"] = sdpa.kernel
+        cos, sin = cos_sin(torch.arange(length, device=device), inv_freq.to(device), 1.0, "half", dtype)
 
         def call(case, backend, spec):
             if case == "sdpa":
                 return sdpa()
+            if case == "rope+sdpa":
+                return sdpa(apply_rotary(q, cos, sin, "half"), apply_rotary(k, cos, sin, "half"))
             if case == "flash_attn_func":  # (B, S, H, D) layout
                 return flash_fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True).transpose(1, 2)
             return rotary_attention(q, k, v, methods[spec], inv_freq, backend=backend)
@@ -346,7 +358,7 @@ def bf16_errors(entries, cases, q, k, v, methods, inv_freq, device, clock, args)
             continue
         if spec not in refs:
             method = None if spec is None else methods[spec]
-            if method is not None and method.relative is None:  # key-range method (dca): the exact eager path
+            if method is not None and method.key_range_parts:  # key-range method (dca): the exact eager path
                 ref = rotary_attention(q.double(), k.double(), v.double(), method, inv_freq, backend="eager")
             else:
                 ref = float64_reference(q, k, v, method, inv_freq, rows)
@@ -358,10 +370,13 @@ def bf16_errors(entries, cases, q, k, v, methods, inv_freq, device, clock, args)
     base = entries[("sdpa", "sdpa")].get("error_max")
     flash = entries.get(("flash_attn_func", "flash_attn_func"), {}).get("error_max")
     base_rms = entries[("sdpa", "sdpa")].get("error_rms")
+    rope = entries[("rope+sdpa", "sdpa")].get("error_max")
     for e in entries.values():
         if e.get("error_max") is not None and base:
             e["error_ratio_sdpa"] = e["error_max"] / base
             e["error_rms_ratio_sdpa"] = e["error_rms"] / base_rms
+            if rope:
+                e["error_ratio_rope"] = e["error_max"] / rope
             if flash:
                 e["error_ratio_flash"] = e["error_max"] / flash
     refs.clear()
@@ -533,16 +548,17 @@ def markdown(result: dict) -> str:
              f"backends: {', '.join(result['backends'])}; {result['rounds']} timed rounds"]
     lines += [f"note: {n}" for n in result["notes"]]
     lines += ["", "| length | case | backend | ms (median) | × sdpa (median, min-max) | extra peak MB | peak × sdpa "
-              "| bf16 max err | err × sdpa | rms err × sdpa | err × flash |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| bf16 max err | err × sdpa | rms err × sdpa | err × rope+sdpa | err × flash |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["op"]:
         if r["status"] != "ok":
-            lines.append(f"| {r['length']} | {r['case']} | {r['backend']} | skipped: {r['reason']} | | | | | | | |")
+            lines.append(f"| {r['length']} | {r['case']} | {r['backend']} | skipped: {r['reason']} | | | | | | | | |")
             continue
         lines.append(f"| {r['length']} | {r['case']} | {r['backend']} | {fmt(r.get('seconds_median'), '.2f', 1e3)} "
                      f"| {ratio(r.get('seconds_ratio'))} | {fmt(r.get('peak_bytes'), '.0f', 2**-20)} "
                      f"| {fmt(r.get('peak_ratio'))} | {fmt(r.get('error_max'), '.2e')} "
                      f"| {fmt(r.get('error_ratio_sdpa'))} | {fmt(r.get('error_rms_ratio_sdpa'))} "
-                     f"| {fmt(r.get('error_ratio_flash'))} |")
+                     f"| {fmt(r.get('error_ratio_rope'))} | {fmt(r.get('error_ratio_flash'))} |")
     lines += ["", "| model | attn | length | case | prefill ms | prefill × unpatched | prefill peak MB | peak × "
               "unpatched | decode ms/token | decode × unpatched | KV MB | rotated keys MB |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
