@@ -117,7 +117,7 @@ if [ "$MODE" != --main-only ]; then
   step "pytest"
   if [ $DRY = 1 ]; then tests="tests/rope/test_kernels_layout.py"; marks="not slow"; else
     tests="tests/rope/test_flash_cuda.py tests/rope/test_flex.py tests/rope/test_flash_attn_fake.py"
-    tests="$tests tests/rope/test_flash_cuda_flex_syncs.py"; marks="gpu or not slow"; fi
+    tests="$tests tests/rope/test_flash_cuda_flex_syncs.py tests/test_gpu_flex.py"; marks="gpu or not slow"; fi
   # -n: the image has pytest-xdist; the CPU tests here need no GPU but the time is the GPU's.
   xdist=""; [ $DRY = 0 ] && "$PY" -c "import xdist" 2>/dev/null && xdist="-n 8"
   timeout 120 "$PY" -m pytest -q -p no:cacheprovider -rs $xdist -m "$marks" $tests > "$OUT/pytest.log" 2>&1
