@@ -327,7 +327,7 @@ def run_op_level(args, device, clock, backends, flash_fn, save) -> list[dict]:
                         e["peak_bytes"] = peak if e.get("peak_bytes") is None else max(e["peak_bytes"], peak)
                     del out
             if n == 0 and args.error:
-                bf16_errors(entries, cases, q, k, v, methods, inv_freq, device, clock, args)
+                bf16_errors(entries, cases, q, k, v, methods, inv_freq, device)
         for e in entries.values():
             e.pop("out", None)
             if e["status"] == "ok" and not e["seconds"]:
@@ -339,8 +339,9 @@ def run_op_level(args, device, clock, backends, flash_fn, save) -> list[dict]:
     return rows
 
 
-def bf16_errors(entries, cases, q, k, v, methods, inv_freq, device, clock, args) -> None:
-    """Max |bf16 output - float64 reference| per case; ratio against the plain sdpa call's."""
+def bf16_errors(entries, cases, q, k, v, methods, inv_freq, device) -> None:
+    """Max |bf16 output - float64 reference| per case; ratio against the plain sdpa call's.
+    Runs whatever the budget says (it is issue 9's accuracy bar, and seconds on a GPU)."""
 
     from ropelab.attention import rotary_attention
 
@@ -349,9 +350,6 @@ def bf16_errors(entries, cases, q, k, v, methods, inv_freq, device, clock, args)
     for c, b, spec in cases:
         e = entries[(c, b)]
         if e.get("out") is None:
-            continue
-        if not clock.left():
-            e["error_note"] = "budget spent before the float64 reference"
             continue
         if spec not in refs:
             method = None if spec is None else methods[spec]
@@ -629,6 +627,7 @@ def main(argv=None) -> int:
     for spec in args.methods + args.model_methods:
         ropelab.parse_method(spec)  # a bad spec fails here, before anything runs
     device = torch.device(args.device)
+    notes = []
     if device.type == "cuda" and not torch.cuda.is_available():
         print(f"--device={args.device!r}: CUDA is not available here", file=sys.stderr)
         return 2
@@ -637,10 +636,11 @@ def main(argv=None) -> int:
         # lengths to the unfused path, which materialises T×S scores.
         import torch._dynamo
 
-        torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
-        if hasattr(torch._dynamo.config, "recompile_limit"):
-            torch._dynamo.config.recompile_limit = max(64, torch._dynamo.config.recompile_limit)
-    notes = []
+        for name in ("recompile_limit", "cache_size_limit"):  # the newer name, then the older
+            if hasattr(torch._dynamo.config, name):
+                setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
+                notes.append(f"torch._dynamo.config.{name} raised to >= 64")
+                break
     backends = ["flex"]
     flash_fn = None
     try:

@@ -14,7 +14,7 @@
 # carries, so it travels in two halves; the first half stays on the machine between calls
 # (carried ignored paths are kept while it is warm: about 30 s after a call). If call 2 finds
 # the first half gone it says so, and the main job on the GPU stays owed.
-# Each step has its own `timeout` (call 1: 30 + 60 + 60 + 120 + 260 s at most, under 9 minutes;
+# Each step has its own `timeout` (call 1: 30 + 60 + 60 + 90 + 300 s at most, 9 minutes;
 # call 2: 30 + 60 + 60 + 270 s at most, the main job itself 1-2 minutes expected). Everything
 # is logged to files under $OUT (at most 8 come back; the main job's folder comes back as
 # one .tgz).
@@ -120,7 +120,7 @@ if [ "$MODE" != --main-only ]; then
     tests="$tests tests/rope/test_flash_cuda_flex_syncs.py tests/test_gpu_flex.py"; marks="gpu or not slow"; fi
   # -n: the image has pytest-xdist; the CPU tests here need no GPU but the time is the GPU's.
   xdist=""; [ $DRY = 0 ] && "$PY" -c "import xdist" 2>/dev/null && xdist="-n 8"
-  timeout 120 "$PY" -m pytest -q -p no:cacheprovider -rs $xdist -m "$marks" $tests > "$OUT/pytest.log" 2>&1
+  timeout 90 "$PY" -m pytest -q -p no:cacheprovider -rs $xdist -m "$marks" $tests > "$OUT/pytest.log" 2>&1
   step "pytest exit $? (124 = timed out)"
 fi
 
@@ -128,7 +128,7 @@ fi
 if [ "$MODE" != --main-only ]; then
   step "bench_gpu.py"
   if [ $DRY = 1 ]; then bench_args="--device cpu --lengths 256 --smoke --rounds 1 --budget-s 60"; bench_t=120
-  else bench_args="--budget-s ${BENCH_BUDGET_S:-200} --rounds 3"; bench_t=$(( ${BENCH_BUDGET_S:-200} + 60 )); fi
+  else bench_args="--budget-s ${BENCH_BUDGET_S:-240} --rounds 3"; bench_t=$(( ${BENCH_BUDGET_S:-240} + 60 )); fi
   PYTHONUNBUFFERED=1 timeout $bench_t "$PY" benchmarks/bench_gpu.py $bench_args --out "$OUT/bench.json" \
     > "$OUT/bench.md" 2> "$OUT/bench.log"
   step "bench_gpu.py exit $? (124 = timed out; bench.json then holds the lengths finished)"
