@@ -70,6 +70,27 @@ def test_spent_budget_skips_with_reason(bench, tmp_path, capsys):
     assert table.count("skipped: budget") == len(rows)
 
 
+def test_failing_case_is_skipped_not_fatal(bench, tmp_path, capsys, monkeypatch):
+    """A backend that raises (say, a kernel that does not compile) costs its rows, not the run."""
+    import ropelab.attention
+
+    real = ropelab.attention.rotary_attention
+
+    def flaky(*args, backend="auto", **kw):
+        if backend == "flex":
+            raise RuntimeError("no kernel for you")
+        return real(*args, backend=backend, **kw)
+
+    monkeypatch.setattr(ropelab.attention, "rotary_attention", flaky)
+    result, table = run(bench, tmp_path, capsys, "--levels", "op")
+    for row in result["op"]:
+        if row["backend"] == "flex":
+            assert row["status"] == "skipped" and row["reason"] == "failed: RuntimeError: no kernel for you"
+        else:
+            assert row["status"] == "ok" and row["error_max"] > 0, row
+    assert result["model"] == [] and result["complete"]
+
+
 @pytest.mark.parametrize("flag", [["--lengths", "0"], ["--key-cache", "kept,fat"], ["--rounds", "0"],
                                   ["--levels", "op,kernel"], ["--budget-s", "-1"]])
 def test_bad_flags_exit_2(bench, tmp_path, capsys, flag):
