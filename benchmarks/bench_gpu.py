@@ -142,6 +142,8 @@ def summarise(rows: list[dict], base_case: str) -> None:
         for key in ("peak_bytes", "prefill_peak_bytes"):
             if base is not None and row.get(key) and base.get(key):
                 row[key.replace("bytes", "ratio")] = row[key] / base[key]
+        if base is not None and row.get("kv_bytes") and base.get("kv_bytes"):  # rotated forms kept count too
+            row["cache_ratio"] = (row["kv_bytes"] + row["key_form_bytes"]) / base["kv_bytes"]
 
 
 # -- op level ----------------------------------------------------------------------------------
@@ -571,17 +573,18 @@ def markdown(result: dict) -> str:
                      f"| {fmt(r.get('error_ratio_sdpa'))} | {fmt(r.get('error_rms_ratio_sdpa'))} "
                      f"| {fmt(r.get('error_ratio_rope'))} | {fmt(r.get('error_ratio_flash'))} |")
     lines += ["", "| model | attn | length | case | prefill ms | prefill × unpatched | prefill peak MB | peak × "
-              "unpatched | decode ms/token | decode × unpatched | KV MB | rotated keys MB |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "unpatched | decode ms/token | decode × unpatched | KV MB | rotated keys MB | cache × unpatched |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["model"]:
         head = f"| {r['model']} | {r['attn']} | {r['length']} | {r['case']} "
         if r["status"] != "ok":
-            lines.append(head + f"| skipped: {r['reason']} | | | | | | | |")
+            lines.append(head + f"| skipped: {r['reason']} | | | | | | | | |")
             continue
         lines.append(head + f"| {fmt(r.get('prefill_s_median'), '.1f', 1e3)} | {ratio(r.get('prefill_s_ratio'))} "
                      f"| {fmt(r.get('prefill_peak_bytes'), '.0f', 2**-20)} | {fmt(r.get('prefill_peak_ratio'))} "
                      f"| {fmt(r.get('decode_s_median'), '.2f', 1e3)} | {ratio(r.get('decode_s_ratio'))} "
-                     f"| {fmt(r.get('kv_bytes'), '.1f', 2**-20)} | {fmt(r.get('key_form_bytes'), '.1f', 2**-20)} |")
+                     f"| {fmt(r.get('kv_bytes'), '.1f', 2**-20)} | {fmt(r.get('key_form_bytes'), '.1f', 2**-20)} "
+                     f"| {fmt(r.get('cache_ratio'))} |")
     notes = sorted({f"{r['model']}: {r['model_note']}" for r in result["model"] if r.get("model_note")})
     lines += [""] + [f"model: {n}" for n in notes]
     return "\n".join(lines)

@@ -58,7 +58,10 @@ def test_smoke_every_case_present(bench, tmp_path, capsys):
         # the cache holds the 256 prefilled + 2 decoded tokens: 2 layers × (K + V) × 1 head × 32 dims × bf16
         assert row["kv_bytes"] == 2 * 2 * 1 * (256 + 2) * 32 * 2
         assert f"| {row['model']} | sdpa | 256 | {row['case']} |" in table
-    assert models[("smollm2-135m", "sdpa", "unpatched")]["key_form_bytes"] == 0
+    for name in ("smollm2-135m", "llama3-8b-shapes"):
+        plain, patched = models[(name, "sdpa", "unpatched")], models[(name, "sdpa", "rerope:window=64")]
+        assert plain["key_form_bytes"] == 0 and plain["cache_ratio"] == 1.0
+        assert patched["cache_ratio"] == (patched["kv_bytes"] + patched["key_form_bytes"]) / plain["kv_bytes"]
 
 
 def test_spent_budget_skips_with_reason(bench, tmp_path, capsys):
