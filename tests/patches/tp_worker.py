@@ -26,15 +26,15 @@ rank = int(os.environ["RANK"])
 dist.init_process_group("gloo")
 model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager", **tp).eval()
 heads_seen = []
-kernel = ropelab.attention.rotary_attention
+kernel = ropelab.attention.run_plan  # every attention-route call runs a plan (decode steps share one per step)
 
 
-def recording(query, *args, **kwargs):
-    heads_seen.append(query.shape[1])
-    return kernel(query, *args, **kwargs)
+def recording(plan, *args, **kwargs):
+    heads_seen.append(plan.query.shape[1])
+    return kernel(plan, *args, **kwargs)
 
 
-ropelab.attention.rotary_attention = recording
+ropelab.attention.run_plan = recording
 ids = tokens(48)
 result = {"rank": rank, "unpatched": logits(model, ids).tolist(),
           "q_proj_local": list(model.model.layers[0].self_attn.q_proj.weight.to_local().shape)}
