@@ -163,11 +163,7 @@ def ropelab_attention(module, query, key, value, attention_mask, scaling=None, d
     if positions is None:
         raise RuntimeError(f"{type(module).__name__}: no position_ids reached the ropelab attention")
     step = _step(route, positions, query, key, value, attention_mask, sliding_window, scaling, softcap)
-    if step is not None:
-        offset = step.offset
-    else:
-        last = positions[:, -1].to(device=query.device, dtype=torch.long).expand(batch)  # (B,) last query's position
-        offset = last - (key_length - 1)  # (B,) position of key index 0
+    offset = step.offset if step is not None else _key_offset(positions, batch, key_length, query.device)
 
     forms = None if layer is None else _key_forms(route, *layer, query, key, offset, step)
 
@@ -198,7 +194,7 @@ def ropelab_attention(module, query, key, value, attention_mask, scaling=None, d
     elif route.method.per_query_frequencies:
         out = _per_query(run, groups(offset), route.method.required_train_length(), query, value)
     else:  # frequencies follow each sequence's own current length (cache included)
-        parts = groups(last + 1)
+        parts = groups(offset + key_length)  # each sequence's length: its last position + 1
         if len(parts) == 1:
             out = run(parts[0][1])
         else:
@@ -240,6 +236,13 @@ def _key_forms(route: Route, layer, seen: key_cache.Visible, query, key, offset,
     return key_cache.key_forms_for(layer, seen, key, query.shape[2], rotate)
 
 
+def _key_offset(positions: torch.Tensor, batch: int, key_length: int, device) -> torch.Tensor:
+    """(B,) position of key index 0: the queries are the last keys, so the last query's
+    position minus key_length - 1."""
+    last = positions[:, -1].to(device=device, dtype=torch.long).expand(batch)
+    return last - (key_length - 1)
+
+
 def _share(route: Route) -> int:
     """The route's sharing token: equal for routes with equal method, layout, frequencies and
     attention factor (every layer holds its own copy of the frequencies)."""
@@ -272,14 +275,14 @@ def _step(route: Route, positions, query, key, value, attention_mask, sliding_wi
         if attention_mask is None or torch.equal(step.mask, attention_mask):
             return step
         return None  # another padding of the same shapes: this call plans for itself
-    batch = query.shape[0]
-    last = last.to(dtype=torch.long).expand(batch)
+    S = key.shape[2]
+    offset = _key_offset(positions, query.shape[0], S, query.device)
     rows = None
     if route.key_cache == "kept" and route.method.key_rotations_cacheable:
-        new = last[:, None] + torch.arange(1 - T, 1)  # the new keys sit at the queries' positions
+        new = offset[:, None] + torch.arange(S - T, S)  # the new keys: the last T, at the queries' positions
         rows = {name: Rows.of(cos, sin, route.layout) for name, (cos, sin) in
                 key_form_rows(route.method, route.inv_freq, route.attention_factor, new, query.dtype).items()}
-    step = steps[found] = Step(last - (key.shape[2] - 1), rows, attention_mask)
+    step = steps[found] = Step(offset, rows, attention_mask)
     while len(steps) > STEPS_KEPT:
         steps.pop(next(iter(steps)), None)
     return step
