@@ -25,7 +25,9 @@ not passed; they follow from the query positions because the cache holds consecu
 key index 0 sits at position `position_ids[:, -1] - (S - 1)`.
 
 With a KV cache, the rotated forms of its keys are kept on the cache layer
-(patches/key_cache.py), so a decoding step rotates only its new query and key rows; the
+(patches/key_cache.py), so a decoding step rotates only its new query and key rows (they
+are built by the first call that finds keys already cached, never during a prefill into
+an empty cache, whose peak is therefore lean mode's); the
 cache object reaches this function through a forward pre-hook on each attention module
 (`capture_cache`), since transformers does not pass it to attention functions.
 
@@ -221,7 +223,8 @@ def _cache_layer(module, route: Route, key, new: int):
 
 def _key_forms(route: Route, layer, seen: key_cache.Visible, query, key, offset, step: Step | None) -> dict | None:
     """The rotated forms of every key, kept on the cache layer (patches/key_cache.py), or
-    None in lean mode or when the method's forms cannot be cached."""
+    None in lean mode, when the method's forms cannot be cached, or in a prefill into an
+    empty cache layer (the forms are built by the next call)."""
     if route.key_cache != "kept" or route.inv_freq is None or not route.method.key_rotations_cacheable:
         return None
     device, T = key.device, query.shape[2]
