@@ -256,6 +256,13 @@ def key_forms_for(layer, seen: Visible, key: torch.Tensor, new: int,
     return view
 
 
+def forget_forms(layer) -> None:
+    """Drop the forms kept on `layer` (its keys moved; the next call rebuilds them)."""
+    state = layer.__dict__.get(ATTRIBUTE)
+    if state is not None:
+        state.forms = None
+
+
 def kept_forms(layer) -> KeyForms | None:
     """The rotated forms kept on a cache layer, or None."""
     state = layer.__dict__.get(ATTRIBUTE)
