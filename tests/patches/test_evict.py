@@ -80,8 +80,8 @@ def test_generate_and_beam_search_with_eviction_give_the_same_tokens(spec, first
 def test_eviction_is_refused_where_it_is_not_exact():
     model = build("llama")
     with P.patched(model, "rerope:window=8") as handle:
-        with pytest.raises(ValueError, match=r"^method='rerope:window=8,train_length=32': eviction is valid for \['lm-infinite', "
-                                             r"'sinks'\] only"):
+        with pytest.raises(ValueError, match=r"^method='rerope:window=8,train_length=32': eviction is valid "
+                                             r"for \['lm-infinite', 'sinks'\] only"):
             evicting_cache(handle)
     with P.patched(model, "sinks:sinks=2,window=9,logn=true") as handle:
         with pytest.raises(ValueError, match=r"^method='sinks:.*logn=true': eviction needs logn=false"):
