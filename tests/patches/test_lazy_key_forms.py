@@ -13,6 +13,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+import ropelab.kernels.plan as plan
 import ropelab.patches as P
 from ropelab.patches.key_cache import kept_forms
 from tiny_models import build, left_pad, logits, tokens
@@ -32,21 +33,26 @@ def _batch():
 
 
 @pytest.mark.parametrize("spec", SPECS)
-def test_prefill_keeps_no_forms_and_decoding_after_it_is_exact(spec):
+def test_prefill_keeps_no_forms_and_decoding_after_it_is_exact(monkeypatch, spec):
     model = build("llama")
     ids, mask = _batch()
     with P.patched(model, spec, key_cache="lean"):
         lean = _step(model, ids[:, :28], DynamicCache(config=model.config), mask[:, :28])
+    built, original = [], plan.rotate_rows  # rotate_key_forms' rotations: the forms built
+    monkeypatch.setattr(plan, "rotate_rows", lambda x, *a, **k: built.append(x.shape[2]) or original(x, *a, **k))
     with P.patched(model, spec):
         full = logits(model, ids, attention_mask=mask)
         cache = DynamicCache(config=model.config)
         steps = [_step(model, ids[:, :28], cache, mask[:, :28])]
         assert all(kept_forms(layer) is None for layer in cache.layers)  # nothing kept by the prefill
-        assert torch.equal(steps[0], lean)
+        assert torch.equal(steps[0], lean) and built == []
         steps.append(_step(model, ids[:, 28:29], cache, mask[:, :29]))
-        # the first decoding step built the forms of all 29 keys
+        # the first decoding step built the forms of all 29 keys, once per layer and form
         assert all((kept_forms(layer).first, kept_forms(layer).stop) == (0, 29) for layer in cache.layers)
+        forms = len(kept_forms(cache.layers[0]).buffers)
+        assert built == [29] * (forms * len(cache.layers))
         steps += [_step(model, ids[:, t : t + 1], cache, mask[:, : t + 1]) for t in range(29, 36)]
+        assert set(built[forms * len(cache.layers):]) <= {1}  # later steps: the new key only
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=ATOL, rtol=0)
 
 
