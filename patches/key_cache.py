@@ -45,6 +45,9 @@ When the forms are built (lazily, so a prefill holds no copy of its keys):
   would rotate every cached key again in each further chunk, and rotations are elementwise,
   so the forms are the same numbers whichever call builds them.
 
+An evicting cache (patches/evict.py) moves the keys after its hole to other positions;
+it drops the forms with `forget_forms` and the next call rebuilds them.
+
 The layer's own batch and length operations are wrapped on that instance so the forms
 follow them: beam-search `reorder_cache`, `crop`, `batch_select_indices`,
 `batch_repeat_interleave`, `reset` and `offload` (which drop them). Before use the forms
