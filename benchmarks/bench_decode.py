@@ -6,6 +6,8 @@ KV-cache memory.
     python benchmarks/bench_decode.py --context 4096 --rounds 7 --steps 32
     python benchmarks/bench_decode.py --key-cache kept,lean   # both modes, interleaved
     python benchmarks/bench_decode.py --threads 1 --thread-time  # CPU time beside wall time
+    python benchmarks/bench_decode.py --context 4096 --evict \
+        --methods "none;sinks:sinks=4,window=1020;lm-infinite:n_global=10,n_local=1024"
 
 `--key-cache` (patch(..., key_cache=...)): "kept" keeps each cached key's rotated forms
 with the cache (a step rotates its new key only), "lean" keeps none (every key rotated in
@@ -25,6 +27,13 @@ ratios to the unpatched model with their min-max over rounds (with 5 rounds, the
 that holds the true median ratio with probability 1 - 2·0.5^5 ≈ 94%). Issue 9's target for
 rerope, leaky-rerope and self-extend: ≤ 1.10× at 8k. `ntk` is a control: it runs exactly
 the unpatched decode path (only its inv_freq buffer differs), so its ratio shows the noise.
+
+`--evict` (patches/evict.py): each `sinks` or `lm-infinite` method also runs as a second
+entry "[evict]" decoding with `evicting_cache`, which drops the keys no later query can
+see; its cache is filled again from the same random keys every round (an evicting cache
+cannot be cropped back past what it dropped), its untimed warm-up step does the first
+eviction, and its cache size is the one left after the round. Give these methods windows
+well below `--context` (their defaults follow the training length).
 
 `--thread-time` (with `--threads 1`, where the decoding thread does all the work) also
 times every step by the CPU time of that thread (`time.thread_time`) and reports it beside
@@ -69,7 +78,11 @@ def main() -> None:
     parser.add_argument("--key-cache", default="kept", help="'kept', 'lean' or 'kept,lean' (both, interleaved)")
     parser.add_argument("--thread-time", action="store_true",
                         help="also report each step's CPU time of the decoding thread (needs --threads 1)")
+    parser.add_argument("--evict", action="store_true",
+                        help="also decode sinks/lm-infinite methods with an evicting cache (patches/evict.py)")
     args = parser.parse_args()
+    if args.evict and args.prefill:
+        parser.error("--evict with --prefill: an evicting entry refills its cache every round, from random keys")
     if args.thread_time and args.threads != 1:
         parser.error(f"--thread-time with --threads={args.threads}: needs --threads 1 (the CPU time of the "
                      "decoding thread leaves out torch's other threads)")
@@ -85,6 +98,7 @@ def main() -> None:
     from transformers import DynamicCache
 
     import ropelab
+    from ropelab.patches.evict import evicting_cache
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -97,21 +111,28 @@ def main() -> None:
         for mode in ([None] if method == "none" else modes):
             label = method if mode is None or len(modes) == 1 else f"{method} [{mode}]"
             entries.append((label, method, mode))
+        if args.evict and method.split(":")[0] in ("sinks", "lm-infinite"):
+            entries.append((f"{method} [evict]", method, modes[0]))
     methods = [label for label, _, _ in entries]
     spec = {label: (method, mode) for label, method, mode in entries}
-    caches = {}
+    evicting = {label for label in methods if label.endswith(" [evict]")}
+    caches, filled = {}, []
     clocks = ["wall", "cpu"] if args.thread_time else ["wall"]
     # clock -> method -> the median step of each round
     rounds: dict[str, dict[str, list[float]]] = {clock: {m: [] for m in methods} for clock in clocks}
     with torch.inference_mode():
+        if not args.prefill:  # the same random keys and values (per layer) for every method
+            config, param = model.config, next(model.parameters())
+            heads, dim = config.num_key_value_heads, config.hidden_size // config.num_attention_heads
+            g = torch.Generator().manual_seed(2)
+            filled = [torch.randn(2, 1, heads, args.context, dim, generator=g).to(param.dtype)
+                      for _ in range(config.num_hidden_layers)]
         for method in methods:
+            if method in evicting:
+                continue  # filled anew every round
             caches[method] = DynamicCache(config=model.config)
             if not args.prefill:
-                config, param = model.config, next(model.parameters())
-                heads, dim = config.num_key_value_heads, config.hidden_size // config.num_attention_heads
-                g = torch.Generator().manual_seed(2)
-                for layer in range(config.num_hidden_layers):
-                    kv = torch.randn(2, 1, heads, args.context, dim, generator=g).to(param.dtype)
+                for layer, kv in enumerate(filled):
                     caches[method].update(kv[0], kv[1], layer)
                 continue
             handle = None if spec[method][0] == "none" else ropelab.patch(model, spec[method][0],
@@ -126,6 +147,10 @@ def main() -> None:
             for method in methods:
                 handle = None if spec[method][0] == "none" else ropelab.patch(model, spec[method][0],
                                                                               key_cache=spec[method][1])
+                if method in evicting:
+                    caches[method] = evicting_cache(handle)
+                    for layer, kv in enumerate(filled):
+                        caches[method].update(kv[0], kv[1], layer)
                 cache, steps = caches[method], {clock: [] for clock in clocks}
                 try:
                     model(ids[:, args.context : args.context + 1], past_key_values=cache, use_cache=True)  # warm-up
@@ -135,7 +160,8 @@ def main() -> None:
                         steps["wall"].append(time.perf_counter() - start)
                         if args.thread_time:
                             steps["cpu"].append(time.thread_time() - cpu)
-                    cache.crop(-(args.steps + 1))
+                    if method not in evicting:
+                        cache.crop(-(args.steps + 1))
                 finally:
                     if handle is not None:
                         handle.undo()

@@ -25,7 +25,9 @@ not passed; they follow from the query positions because the cache holds consecu
 key index 0 sits at position `position_ids[:, -1] - (S - 1)`.
 
 With a KV cache, the rotated forms of its keys are kept on the cache layer
-(patches/key_cache.py), so a decoding step rotates only its new query and key rows; the
+(patches/key_cache.py), so a decoding step rotates only its new query and key rows (they
+are built by the first call that finds keys already cached, never during a prefill into
+an empty cache, whose peak is therefore lean mode's); the
 cache object reaches this function through a forward pre-hook on each attention module
 (`capture_cache`), since transformers does not pass it to attention functions.
 
@@ -52,7 +54,7 @@ from torch import nn
 from ..kernels.plan import StepPlan, build_plan, key_form_rows, rotate_key_forms, step_plan
 from ..kernels.tables import Rows
 from ..method import Method
-from . import key_cache
+from . import evict, key_cache
 
 NAME = "ropelab"
 # Calls with at most this many query rows share their step's positions and plan across layers.
@@ -153,6 +155,9 @@ def ropelab_attention(module, query, key, value, attention_mask, scaling=None, d
         count = layer[1].count
         key, value = key[:, :, :count], value[:, :, :count]
         attention_mask = None if attention_mask is None else attention_mask[:, :count]
+    hole = None if layer is None else evict.layer_eviction(route.cache(), layer[0], route.method)
+    if hole is not None:  # an evicting cache (patches/evict.py): cache positions, the mask without the hole
+        attention_mask = evict.cut_mask(attention_mask, hole)
     batch, key_length = query.shape[0], key.shape[2]
     if attention_mask is not None and attention_mask.shape[-1] != key_length:
         raise NotImplementedError(
@@ -162,6 +167,8 @@ def ropelab_attention(module, query, key, value, attention_mask, scaling=None, d
     positions = position_ids if position_ids is not None else route.positions.position_ids
     if positions is None:
         raise RuntimeError(f"{type(module).__name__}: no position_ids reached the ropelab attention")
+    if hole is not None and hole.evicted:
+        positions = positions - hole.evicted
     step = _step(route, positions, query, key, value, attention_mask, sliding_window, scaling, softcap)
     offset = step.offset if step is not None else _key_offset(positions, batch, key_length, query.device)
 
@@ -206,6 +213,8 @@ def ropelab_attention(module, query, key, value, attention_mask, scaling=None, d
         # ln(p + 1) is NaN; their output is never used, but a NaN there would reach real
         # rows of the next layer through 0 × NaN in its value product. Zero them.
         out = out.masked_fill(~attention_mask[:, None, -query.shape[2]:, None], 0.0)
+    if hole is not None:
+        evict.after_call(route.cache(), layer[0], hole, offset)
     route.calls += 1
     return out.transpose(1, 2).contiguous(), None
 
@@ -221,7 +230,8 @@ def _cache_layer(module, route: Route, key, new: int):
 
 def _key_forms(route: Route, layer, seen: key_cache.Visible, query, key, offset, step: Step | None) -> dict | None:
     """The rotated forms of every key, kept on the cache layer (patches/key_cache.py), or
-    None in lean mode or when the method's forms cannot be cached."""
+    None in lean mode, when the method's forms cannot be cached, or in a prefill into an
+    empty cache layer (the forms are built by the next call)."""
     if route.key_cache != "kept" or route.inv_freq is None or not route.method.key_rotations_cacheable:
         return None
     device, T = key.device, query.shape[2]

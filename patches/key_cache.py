@@ -31,6 +31,23 @@ that sequence index, so they stay aligned with whatever slice a layer returns:
 Other layer types (linear attention, indexed layers, offloaded ones) are not read: their
 keys pass through as returned and are rotated per call.
 
+When the forms are built (lazily, so a prefill holds no copy of its keys):
+- A call into a layer that held no keys before it (the prefill of a fresh, reset or
+  fully cropped cache, `generate()`'s first forward) stores no forms: the kernel rotates
+  each part's keys itself, as in lean mode, and frees them part by part. Its peak is lean
+  mode's (an eager copy had cost 30 layers x 3 heads x 16384 x 64 float32 = 360 MiB,
+  +0.23x the prefill's peak, at 16k on SmolLM2-135M).
+- The first call into a layer that already holds keys (the first decoding step, or the
+  second chunk of a prompt fed in pieces) builds the forms of all of them: that call
+  would have to rotate every cached key anyway, so building the forms costs no work
+  twice, and every later call rotates only its new rows. A chunked prefill therefore
+  holds the forms from its second chunk on; holding them back until the first short call
+  would rotate every cached key again in each further chunk, and rotations are elementwise,
+  so the forms are the same numbers whichever call builds them.
+
+An evicting cache (patches/evict.py) moves the keys after its hole to other positions;
+it drops the forms with `forget_forms` and the next call rebuilds them.
+
 The layer's own batch and length operations are wrapped on that instance so the forms
 follow them: beam-search `reorder_cache`, `crop`, `batch_select_indices`,
 `batch_repeat_interleave`, `reset` and `offload` (which drop them). Before use the forms
@@ -220,12 +237,17 @@ def visible_keys(cache, layer_idx, key: torch.Tensor, new: int) -> tuple[object,
 
 
 def key_forms_for(layer, seen: Visible, key: torch.Tensor, new: int,
-                  rotate: Callable[[torch.Tensor, slice], dict]) -> dict:
+                  rotate: Callable[[torch.Tensor, slice], dict]) -> dict | None:
     """The rotated forms of the `seen.count` real keys of `key` (the last `new` of them
     added this step), from the forms kept on `layer` plus `rotate(keys, key index range)` of
-    the new ones; rebuilt from every real key when the kept forms do not cover the others."""
+    the new ones; rebuilt from every real key when the kept forms do not cover the others.
+    None, keeping nothing, when the layer held no keys before this call (a prefill: see
+    "When the forms are built" above)."""
     state: LayerState = layer.__dict__[ATTRIBUTE]
     B, S, start = key.shape[0], seen.count, seen.start
+    if S <= new:  # every key is new: the caller rotates them per part, none is kept
+        state.forms = None
+        return None
     forms = state.forms
     if forms is not None and forms.covers(B, start, start + S - new):
         forms.append(rotate(key[:, :, S - new : S], slice(S - new, S)))
@@ -235,6 +257,13 @@ def key_forms_for(layer, seen: Visible, key: torch.Tensor, new: int,
     forms.drop_before(seen.keep_from)
     forms.stale = seen.stale_after
     return view
+
+
+def forget_forms(layer) -> None:
+    """Drop the forms kept on `layer` (its keys moved; the next call rebuilds them)."""
+    state = layer.__dict__.get(ATTRIBUTE)
+    if state is not None:
+        state.forms = None
 
 
 def kept_forms(layer) -> KeyForms | None:

@@ -44,11 +44,12 @@ def test_decode_step_rotates_only_new_rows(monkeypatch, spec):
 
 
 def test_kept_forms_cost_one_key_copy_per_rotated_part():
-    model, ids = build("llama"), tokens(30)
+    model, ids = build("llama"), tokens(31)
     for spec, copies in (("rerope:window=8", 1), ("self-extend:window=8,group=4", 2)):
         with P.patched(model, spec):
             cache = DynamicCache(config=model.config)
-            _step(model, ids, cache)
+            _step(model, ids[:, :30], cache)
+            _step(model, ids[:, 30:], cache)  # the forms are built by the first decoding step
         layer = cache.layers[0]
         assert set(kept_forms(layer).view()) == ({"near"} if copies == 1 else {"near", "far"})
         kept = kept_forms(layer).nbytes()
