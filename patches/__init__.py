@@ -13,11 +13,13 @@ model_facts.py (the family table: attention class, layout, own dispatch, logits 
 the training-length rule), architectures.py (finding a model's rotary and attention modules),
 attention_fn.py (the attention function registered with transformers for relative, dynamic
 and log-n methods), key_cache.py (which keys a cache layer hands attention; rotated keys kept
-with the cache, `patch(..., key_cache="kept" | "lean")`), falcon.py (Falcon's own attention dispatch), xglm.py (frequency maps on
+with the cache, `patch(..., key_cache="kept" | "lean")`), evict.py (an opt-in cache that drops
+the keys no later query sees, for sinks and lm-infinite), falcon.py (Falcon's own attention dispatch), xglm.py (frequency maps on
 XGLM's sinusoidal table), loading.py (the embedded offline models).
 """
 
 from .changes import Changes
+from .evict import evicting_cache
 from .handle import PatchHandle, current_patch, describe, patch, patched
 from .loading import default_models, load_default_model
 from .model_facts import supported_families
@@ -29,6 +31,7 @@ __all__ = [
     "current_patch",
     "default_models",
     "describe",
+    "evicting_cache",
     "load_default_model",
     "patch",
     "patched",
