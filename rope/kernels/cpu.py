@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from .band import attend_band, band_rows
+from .cpu_flash import flash_attention_lse
 from .merge import merge_into
 from .plan import Plan
 
@@ -42,46 +44,12 @@ class BandSettings:
     chunk_min_width = 256
     chunk_min_rows = 32
     chunk_max_rows = 768
+    batch_rows = 256
     masked_block = 128
     few_rows = 64
 
 
 BAND = BandSettings()
-
-
-def flash_attention_lse(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    *,
-    is_causal: bool = False,
-    attn_mask: torch.Tensor | None = None,
-    scale: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention and its row log-sum-exp: (out (B, H, T, D), lse (B, H, T) float32).
-
-    Torch's CPU flash kernel; `is_causal` is top-left aligned (query t sees keys ≤ t);
-    `attn_mask` is additive, broadcastable to (B, H, T, S), and may be combined with
-    `is_causal`. A row its mask hides entirely comes back as out 0 with lse 0, not -inf:
-    it would weigh e^0 in a merge, so callers that can hide whole rows must set those to
-    -inf. With no keys at all (S = 0) every row is out 0, lse -inf. Grouped-query heads
-    (H a multiple of Hkv) are passed through: the kernel pairs query head h with key head
-    h // (H/Hkv), like `repeat_interleave` (checked against expanded keys).
-    """
-    B, H, T, D = query.shape
-    S = key.shape[2]
-    if T == 0 or S == 0:
-        # The kernel crashes the process (SIGFPE) on empty inputs.
-        out = query.new_zeros(B, H, T, value.shape[-1])
-        return out, torch.full((B, H, T), _NEG_INF, dtype=torch.float32, device=query.device)
-    if attn_mask is not None and attn_mask.dtype != query.dtype:
-        attn_mask = attn_mask.to(query.dtype)
-    # The kernel walks rows by stride but assumes the head dimension is contiguous.
-    query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        query, key, value, 0.0, is_causal, attn_mask=attn_mask, scale=scale
-    )
-    return out, lse
 
 
 # --------------------------------------------------------------------------------------
@@ -234,8 +202,18 @@ def _attend_part(q, keys: _Keys, q_first: int, lo: int, hi: int | None, scale: f
     if n_tri:
         put(0, _causal_from(q[:, :, :n_tri], keys, q_first, lo, scale, small=BAND.few_rows))
     if width >= BAND.chunk_min_width and n - n_tri >= BAND.chunk_min_rows:
+        t_rest = n_tri
+        batch_rows = band_rows(width, BAND.batch_rows)
+        if BAND.batch_rows and keys.pad_add is None and n - n_tri >= batch_rows:
+            # Whole chunks of the band in three calls per sequence (band.py); padding
+            # would need a mask per chunk, so padded keys take the loop below.
+            t_rest = n_tri + (n - n_tri) // batch_rows * batch_rows
+            j0 = q_first + n_tri - hi + 1 - keys.first  # first key of row n_tri, in keys.k
+            for b in range(B):
+                attend_band(q[b : b + 1, :, n_tri:t_rest], keys.k[b : b + 1], keys.v[b : b + 1], j0, width,
+                            batch_rows, scale, out[b, :, n_tri:t_rest], lse[b, :, n_tri:t_rest])
         rows = min(width, BAND.chunk_max_rows)
-        for t0 in range(n_tri, n, rows):
+        for t0 in range(t_rest, n, rows):
             t1 = min(n, t0 + rows)
             put(t0, _band_chunk(q[:, :, t0:t1], keys, q_first + t0, lo, hi, scale))
     else:
