@@ -5,7 +5,8 @@ A prefill scores about as many (query, key) pairs as plain causal attention and 
 holds a T×S matrix: the far part is one causal call on q[w:] against k[:S-w]; the band is
 cut into query chunks whose keys split into two triangles (one causal as is, one causal
 once rows and keys are reversed) and a rectangle, so it needs no mask (masks cost the
-kernel an extra pass per score); narrow bands use small per-block masks instead. A part
+kernel an extra pass per score), and its whole chunks go through the kernel as one batch
+per shape (kernels/band.py); narrow bands use small per-block masks instead. A part
 with key ranges per row (DCA's chunks, sink and global prefixes) is cut into row blocks
 whose ranges move together; a block is one unmasked rectangle, a rectangle plus a causal
 triangle, or one call with a block-rows × range mask (`_attend_ranges`). Padding
@@ -32,9 +33,13 @@ class BandSettings:
     """Where the band switches strategy (module-level so a test can force either one).
 
     A band at least `chunk_min_width` wide with at least `chunk_min_rows` rows in it is
-    computed as unmasked triangles and rectangles (`_band_chunk`), `chunk_max_rows` rows
-    at a time (768 rows is where the kernel switches to 256-row query tiles; at 8k and 16k
-    tokens 768 timed best of 512-4096, and it bounds the temporaries). Narrower bands and
+    computed as unmasked triangles and rectangles. Without key padding, its whole chunks
+    of `batch_rows` rows (below the band's width) take three batched calls per sequence
+    (band.py; 0 turns that off). 256: in contended op-level timing at 8k (band widths 1024
+    and 2048) 64-512 rows differed by less than the noise, and 256 is the kernel's query
+    tile. The rest, and bands with padded keys (each chunk its own mask slice), go one
+    chunk at a time (`_band_chunk`), `chunk_max_rows` rows at once (768 timed best of
+    512-4096 for that loop, at 8k and 16k tokens; it bounds the temporaries). Narrower bands and
     a few decoding rows take one masked call per `masked_block` rows: the masked waste is
     small there, and it is one call instead of three. At most `few_rows` rows against a
     causal edge use one masked call (rows × keys mask); more use an unmasked rectangle
