@@ -3,6 +3,7 @@ op-level check of the CPU kernel (rope/kernels/cpu.py) without a 30-layer forwar
 
     python benchmarks/bench_attention_op.py --lengths 8192 --rounds 5
     python benchmarks/bench_attention_op.py --lengths 16384 --methods "rerope:window=4096;string"
+    python benchmarks/bench_attention_op.py --batch-rows 0,256   # per-chunk band loop vs batched
 
 What is timed, per call, with SmolLM2-135M's attention shapes (batch 1, 9 query heads,
 3 key/value heads, head dim 64, rope base 100000, training length 8192), float32, random inputs, inference mode:
@@ -13,7 +14,9 @@ What is timed, per call, with SmolLM2-135M's attention shapes (batch 1, 9 query 
 * each method: `ropelab.attention.rotary_attention` on the unrotated q and k (rotations,
   parts and merge included).
 
-Rounds interleave the cases (sdpa, method 1, method 2, ..., again), so load drift on a
+`--batch-rows` runs each method once per value of the CPU kernel's `BAND.batch_rows` (0: a
+band's chunks one at a time, the kernel before the batched band; kernels/band.py), so the
+two strategies are compared in one run. Rounds interleave the cases (sdpa, method 1, method 2, ..., again), so load drift on a
 shared machine hits all alike; each case's ratio to sdpa is per round, and the median,
 min and max of those ratios are printed. The attention is most, not all, of a forward at
 these lengths: `benchmarks/bench_patch.py` measures the model.
@@ -29,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from ropelab.attention import rotary_attention
+from ropelab.kernels import cpu
 from ropelab.rotary import apply_rotary, cos_sin
 from ropelab.spec import parse_method
 
@@ -46,15 +50,26 @@ def _inputs(length: int):
     return q, k, v, inv_freq
 
 
-def _cases(length: int, methods: list[str]):
+def _cases(length: int, methods: list[str], batch_rows: list[int]):
     q, k, v, inv_freq = _inputs(length)
     cos, sin = cos_sin(torch.arange(length), inv_freq)
     qr, kr = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     cases = {"sdpa": lambda: F.scaled_dot_product_attention(qr, kr, v, is_causal=True, enable_gqa=True)}
     for spec in methods:
         method = parse_method(spec).with_train_length(TRAIN_LENGTH)
-        cases[spec] = lambda m=method: rotary_attention(q, k, v, m, inv_freq)
+        for rows in batch_rows:
+            name = spec if len(batch_rows) == 1 else f"{spec} [batch_rows={rows}]"
+            cases[name] = lambda m=method, r=rows: _with_rows(r, lambda: rotary_attention(q, k, v, m, inv_freq))
     return cases
+
+
+def _with_rows(rows: int, run):
+    saved = cpu.BAND.batch_rows
+    cpu.BAND.batch_rows = rows
+    try:
+        return run()
+    finally:
+        cpu.BAND.batch_rows = saved
 
 
 def main() -> None:
@@ -62,13 +77,18 @@ def main() -> None:
     parser.add_argument("--lengths", default="8192")
     parser.add_argument("--methods", default=";".join(METHODS), help="';'-separated method specs")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--batch-rows", default=str(cpu.BAND.batch_rows),
+                        help="comma-separated values of the CPU kernel's BAND.batch_rows to compare (0: off)")
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error(f"--rounds={args.rounds}: must be >= 1")
     methods = [m for m in args.methods.split(";") if m]
+    batch_rows = [int(x) for x in args.batch_rows.split(",")]
+    if any(r < 0 for r in batch_rows):
+        parser.error(f"--batch-rows={args.batch_rows}: values must be >= 0")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     for length in [int(x) for x in args.lengths.split(",")]:
-        cases = _cases(length, methods)
+        cases = _cases(length, methods, batch_rows)
         times: dict[str, list[float]] = {name: [] for name in cases}
         with torch.inference_mode():
             for run in cases.values():
