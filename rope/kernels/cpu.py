@@ -35,9 +35,12 @@ class BandSettings:
     A band at least `chunk_min_width` wide with at least `chunk_min_rows` rows in it is
     computed as unmasked triangles and rectangles. Without key padding, its whole chunks
     of `batch_rows` rows (below the band's width) take three batched calls per sequence
-    (band.py; 0 turns that off). 256: in contended op-level timing at 8k (band widths 1024
+    and batch (band.py; 0 turns that off). 256: in contended op-level timing at 8k (band widths 1024
     and 2048) 64-512 rows differed by less than the noise, and 256 is the kernel's query
-    tile. The rest, and bands with padded keys (each chunk its own mask slice), go one
+    tile. At most `batch_max_rows` rows go in one batch: a batch holds about five copies of
+    its rows' queries (flipped queries, three outputs, one flipped back), so this bounds the
+    peak (2048 rows: ~24 MB at 9 heads × 64 dims float32) at a few calls per 16k-row band.
+    The rest, and bands with padded keys (each chunk its own mask slice), go one
     chunk at a time (`_band_chunk`), `chunk_max_rows` rows at once (768 timed best of
     512-4096 for that loop, at 8k and 16k tokens; it bounds the temporaries). Narrower bands and
     a few decoding rows take one masked call per `masked_block` rows: the masked waste is
@@ -50,6 +53,7 @@ class BandSettings:
     chunk_min_rows = 32
     chunk_max_rows = 768
     batch_rows = 256
+    batch_max_rows = 2048
     masked_block = 128
     few_rows = 64
 
@@ -213,10 +217,13 @@ def _attend_part(q, keys: _Keys, q_first: int, lo: int, hi: int | None, scale: f
             # Whole chunks of the band in three calls per sequence (band.py); padding
             # would need a mask per chunk, so padded keys take the loop below.
             t_rest = n_tri + (n - n_tri) // batch_rows * batch_rows
-            j0 = q_first + n_tri - hi + 1 - keys.first  # first key of row n_tri, in keys.k
+            group = max(1, BAND.batch_max_rows // batch_rows) * batch_rows
             for b in range(B):
-                attend_band(q[b : b + 1, :, n_tri:t_rest], keys.k[b : b + 1], keys.v[b : b + 1], j0, width,
-                            batch_rows, scale, out[b, :, n_tri:t_rest], lse[b, :, n_tri:t_rest])
+                for g0 in range(n_tri, t_rest, group):
+                    g1 = min(t_rest, g0 + group)
+                    j0 = q_first + g0 - hi + 1 - keys.first  # first key of row g0, in keys.k
+                    attend_band(q[b : b + 1, :, g0:g1], keys.k[b : b + 1], keys.v[b : b + 1], j0, width,
+                                batch_rows, scale, out[b, :, g0:g1], lse[b, :, g0:g1])
         rows = min(width, BAND.chunk_max_rows)
         for t0 in range(t_rest, n, rows):
             t1 = min(n, t0 + rows)

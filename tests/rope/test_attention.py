@@ -237,11 +237,12 @@ def test_batched_band_chunks(monkeypatch, rows):
 
     calls = []
     monkeypatch.setattr(cpu.BAND, "batch_rows", rows)
+    monkeypatch.setattr(cpu.BAND, "batch_max_rows", 50)  # several batches per band
     monkeypatch.setattr(cpu, "attend_band", lambda *a, **k: (calls.append(a[0].shape[2]), band.attend_band(*a, **k)))
     check(M("leaky-rerope", window=300, scale=8), B=2, H=4, Hkv=2, S=1000, T=1000, Dv=12)
     check(M("self-extend", window=270, group=5), B=1, H=3, Hkv=1, S=1100, T=900, sliding_window=700)
     check(M("rerope", window=280), B=1, H=2, Hkv=1, S=900, T=900, rotary_dim=8)
-    assert len(calls) >= 5 and all(n % rows == 0 for n in calls)  # every band took it, whole chunks only
+    assert len(calls) >= 10 and all(n % rows == 0 for n in calls)  # every band took it, whole chunks only
 
 
 def test_block_boundaries_with_padding():
