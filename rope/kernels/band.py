@@ -20,7 +20,10 @@ The three results are merged by row log-sum-exp straight into the caller's buffe
 Why: one call per shape and chunk (the unbatched strategy) costs a call, a flip of a
 block of q, k and v and a merge per chunk, each an op the threads synchronise on; and the
 kernel computes a causal triangle in whole 512-key blocks, so a triangle of R ≤ 512 rows
-costs R² scores for R²/2 kept: smaller R wastes less, and batching makes small R cheap.
+costs R² scores for R²/2 kept. Smaller R would waste less in the triangles, but the
+kernel's smaller query tiles cost about as much in the rectangle: 64 to 512 rows timed
+alike (contended, 8k, widths 1024 and 2048); kernels/cpu.py's BandSettings picks R and
+how many rows one batch holds.
 """
 
 from __future__ import annotations
