@@ -16,9 +16,9 @@ What is timed, per call, with SmolLM2-135M's attention shapes (batch 1, 9 query 
 
 `--batch-rows` runs each method once per value of the CPU kernel's `BAND.batch_rows` (0: a
 band's chunks one at a time, the kernel before the batched band; kernels/band.py), so the
-two strategies are compared in one run. Rounds interleave the cases (sdpa, method 1, method 2, ..., again), so load drift on a
-shared machine hits all alike; each case's ratio to sdpa is per round, and the median,
-min and max of those ratios are printed. The attention is most, not all, of a forward at
+two strategies are compared in one run. Rounds interleave the cases (sdpa, method 1,
+method 2, ..., again), so load drift on a shared machine hits all alike; each case's ratio
+to sdpa is per round, and the median, min and max of those ratios are printed. The attention is most, not all, of a forward at
 these lengths: `benchmarks/bench_patch.py` measures the model.
 """
 
