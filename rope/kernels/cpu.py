@@ -5,7 +5,8 @@ A prefill scores about as many (query, key) pairs as plain causal attention and 
 holds a T×S matrix: the far part is one causal call on q[w:] against k[:S-w]; the band is
 cut into query chunks whose keys split into two triangles (one causal as is, one causal
 once rows and keys are reversed) and a rectangle, so it needs no mask (masks cost the
-kernel an extra pass per score); narrow bands use small per-block masks instead. A part
+kernel an extra pass per score), and its whole chunks go through the kernel as one batch
+per shape (kernels/band.py); narrow bands use small per-block masks instead. A part
 with key ranges per row (DCA's chunks, sink and global prefixes) is cut into row blocks
 whose ranges move together; a block is one unmasked rectangle, a rectangle plus a causal
 triangle, or one call with a block-rows × range mask (`_attend_ranges`). Padding
@@ -18,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from .band import attend_band, band_rows
+from .cpu_flash import flash_attention_lse
 from .merge import merge_into
 from .plan import Plan
 
@@ -30,9 +33,16 @@ class BandSettings:
     """Where the band switches strategy (module-level so a test can force either one).
 
     A band at least `chunk_min_width` wide with at least `chunk_min_rows` rows in it is
-    computed as unmasked triangles and rectangles (`_band_chunk`), `chunk_max_rows` rows
-    at a time (768 rows is where the kernel switches to 256-row query tiles; at 8k and 16k
-    tokens 768 timed best of 512-4096, and it bounds the temporaries). Narrower bands and
+    computed as unmasked triangles and rectangles. Without key padding, its whole chunks
+    of `batch_rows` rows (below the band's width) take three batched calls per sequence
+    and batch (band.py; 0 turns that off). 256: in contended op-level timing at 8k (band widths 1024
+    and 2048) 64-512 rows differed by less than the noise, and 256 is the kernel's query
+    tile. At most `batch_max_rows` rows go in one batch: a batch holds about five copies of
+    its rows' queries (flipped queries, three outputs, one flipped back), so this bounds the
+    peak (2048 rows: ~24 MB at 9 heads × 64 dims float32) at a few calls per 16k-row band.
+    The rest, and bands with padded keys (each chunk its own mask slice), go one
+    chunk at a time (`_band_chunk`), `chunk_max_rows` rows at once (768 timed best of
+    512-4096 for that loop, at 8k and 16k tokens; it bounds the temporaries). Narrower bands and
     a few decoding rows take one masked call per `masked_block` rows: the masked waste is
     small there, and it is one call instead of three. At most `few_rows` rows against a
     causal edge use one masked call (rows × keys mask); more use an unmasked rectangle
@@ -42,46 +52,13 @@ class BandSettings:
     chunk_min_width = 256
     chunk_min_rows = 32
     chunk_max_rows = 768
+    batch_rows = 256
+    batch_max_rows = 2048
     masked_block = 128
     few_rows = 64
 
 
 BAND = BandSettings()
-
-
-def flash_attention_lse(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    *,
-    is_causal: bool = False,
-    attn_mask: torch.Tensor | None = None,
-    scale: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention and its row log-sum-exp: (out (B, H, T, D), lse (B, H, T) float32).
-
-    Torch's CPU flash kernel; `is_causal` is top-left aligned (query t sees keys ≤ t);
-    `attn_mask` is additive, broadcastable to (B, H, T, S), and may be combined with
-    `is_causal`. A row its mask hides entirely comes back as out 0 with lse 0, not -inf:
-    it would weigh e^0 in a merge, so callers that can hide whole rows must set those to
-    -inf. With no keys at all (S = 0) every row is out 0, lse -inf. Grouped-query heads
-    (H a multiple of Hkv) are passed through: the kernel pairs query head h with key head
-    h // (H/Hkv), like `repeat_interleave` (checked against expanded keys).
-    """
-    B, H, T, D = query.shape
-    S = key.shape[2]
-    if T == 0 or S == 0:
-        # The kernel crashes the process (SIGFPE) on empty inputs.
-        out = query.new_zeros(B, H, T, value.shape[-1])
-        return out, torch.full((B, H, T), _NEG_INF, dtype=torch.float32, device=query.device)
-    if attn_mask is not None and attn_mask.dtype != query.dtype:
-        attn_mask = attn_mask.to(query.dtype)
-    # The kernel walks rows by stride but assumes the head dimension is contiguous.
-    query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        query, key, value, 0.0, is_causal, attn_mask=attn_mask, scale=scale
-    )
-    return out, lse
 
 
 # --------------------------------------------------------------------------------------
@@ -234,8 +211,21 @@ def _attend_part(q, keys: _Keys, q_first: int, lo: int, hi: int | None, scale: f
     if n_tri:
         put(0, _causal_from(q[:, :, :n_tri], keys, q_first, lo, scale, small=BAND.few_rows))
     if width >= BAND.chunk_min_width and n - n_tri >= BAND.chunk_min_rows:
+        t_rest = n_tri
+        batch_rows = band_rows(width, BAND.batch_rows)
+        if BAND.batch_rows and keys.pad_add is None and n - n_tri >= batch_rows:
+            # Whole chunks of the band in three calls per sequence (band.py); padding
+            # would need a mask per chunk, so padded keys take the loop below.
+            t_rest = n_tri + (n - n_tri) // batch_rows * batch_rows
+            group = max(1, BAND.batch_max_rows // batch_rows) * batch_rows
+            for b in range(B):
+                for g0 in range(n_tri, t_rest, group):
+                    g1 = min(t_rest, g0 + group)
+                    j0 = q_first + g0 - hi + 1 - keys.first  # first key of row g0, in keys.k
+                    attend_band(q[b : b + 1, :, g0:g1], keys.k[b : b + 1], keys.v[b : b + 1], j0, width,
+                                batch_rows, scale, out[b, :, g0:g1], lse[b, :, g0:g1])
         rows = min(width, BAND.chunk_max_rows)
-        for t0 in range(n_tri, n, rows):
+        for t0 in range(t_rest, n, rows):
             t1 = min(n, t0 + rows)
             put(t0, _band_chunk(q[:, :, t0:t1], keys, q_first + t0, lo, hi, scale))
     else:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["merge_by_lse", "merge_into"]
+__all__ = ["merge_by_lse", "merge_into", "merge_all"]
 
 
 def merge_by_lse(
@@ -48,3 +48,28 @@ def merge_into(out1: torch.Tensor, lse1: torch.Tensor, out2: torch.Tensor, lse2:
     else:  # half types: weights rounded once to the output dtype, rows combined in place
         out1.mul_(w1.to(out1.dtype)).addcmul_(out2, w2.to(out1.dtype))
     return lse
+
+
+def merge_all(out: torch.Tensor, lse: torch.Tensor, pieces) -> None:
+    """The attention over the union of disjoint key sets from each set's (out_k, lse_k),
+    written into out (..., T, D) and lse (..., T), which may be strided views of a larger
+    buffer and must not alias a piece: out = Σ e^(lse_k - lse)·out_k, lse = log Σ e^lse_k.
+
+    One pass over the rows per piece (a multiply, then a multiply-add per further piece)
+    instead of merge_into's two per pair; weights float32 (float64 for float64 outputs),
+    rounded once to a half-precision output's dtype, as in merge_into. Rows empty in every
+    piece come out 0 with lse -inf.
+    """
+    work = torch.promote_types(torch.promote_types(pieces[0][1].dtype, lse.dtype), torch.float32)
+    lses = torch.stack([l.to(work) for _, l in pieces])
+    total = torch.logsumexp(lses, 0)  # -inf only where every piece is empty
+    weights = torch.exp(lses - total).nan_to_num_(0.0)  # exp(-inf - -inf) = NaN there: weight 0
+    if weights.dtype != out.dtype:
+        weights = weights.to(out.dtype)
+    for k, (o, _) in enumerate(pieces):
+        w = weights[k].unsqueeze(-1)
+        if k == 0:
+            torch.mul(o, w, out=out)
+        else:
+            out.addcmul_(o, w)
+    lse.copy_(total)

@@ -228,6 +228,23 @@ def test_both_band_strategies(monkeypatch, chunked):
     check(M("rope"), B=1, H=2, Hkv=1, S=700, T=300, sliding_window=270)
 
 
+@pytest.mark.parametrize("rows", [7, 256], ids=["many-chunks", "kernel-tile"])
+def test_batched_band_chunks(monkeypatch, rows):
+    # The band's whole chunks as one batch per shape (kernels/band.py), a remainder chunk by
+    # the per-chunk loop; B = 2 without padding (one batched pass per sequence), GQA, a
+    # value width unlike the head dim, a sliding window cutting the far band.
+    from ropelab.kernels import band, cpu
+
+    calls = []
+    monkeypatch.setattr(cpu.BAND, "batch_rows", rows)
+    monkeypatch.setattr(cpu.BAND, "batch_max_rows", 50)  # several batches per band
+    monkeypatch.setattr(cpu, "attend_band", lambda *a, **k: (calls.append(a[0].shape[2]), band.attend_band(*a, **k)))
+    check(M("leaky-rerope", window=300, scale=8), B=2, H=4, Hkv=2, S=1000, T=1000, Dv=12)
+    check(M("self-extend", window=270, group=5), B=1, H=3, Hkv=1, S=1100, T=900, sliding_window=700)
+    check(M("rerope", window=280), B=1, H=2, Hkv=1, S=900, T=900, rotary_dim=8)
+    assert len(calls) >= 10 and all(n % rows == 0 for n in calls)  # every band took it, whole chunks only
+
+
 def test_block_boundaries_with_padding():
     mask, offsets = left_padding(2, 1100, [0, 413])
     check(M("rerope", window=300, logn=True, train_length=256), B=2, H=2, Hkv=1, S=1100, T=1100,
@@ -363,6 +380,27 @@ def test_merge_by_lse_is_attention_over_the_union():
     assert torch.allclose(out, o1) and torch.allclose(lse, l1)
     out, lse = merge_by_lse(torch.zeros_like(o1), empty, torch.zeros_like(o1), empty)
     assert (out == 0).all() and torch.isneginf(lse).all()
+
+
+def test_merge_all_is_attention_over_the_union():
+    from ropelab.kernels.merge import merge_all
+
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(2, 5, 12, generator=g, dtype=torch.float64)
+    values = torch.randn(2, 12, 3, generator=g, dtype=torch.float64)
+    logits[1, 2] = -math.inf  # a row that sees no key in any piece
+
+    def part(cols):
+        lse = torch.logsumexp(logits[..., cols], -1)
+        return (torch.softmax(logits[..., cols], -1) @ values[:, cols]).nan_to_num(0.0), lse
+
+    # strided destinations, as the band writes into views of its buffers
+    out = torch.full((2, 3, 5), 7.0, dtype=torch.float64).transpose(1, 2)
+    lse = torch.full((2, 5), 7.0, dtype=torch.float64)
+    merge_all(out, lse, [part(slice(0, 3)), part(slice(3, 4)), part(slice(4, 12))])
+    want = (torch.softmax(logits, -1) @ values).nan_to_num(0.0)
+    assert torch.allclose(out, want, atol=1e-12) and torch.allclose(lse, torch.logsumexp(logits, -1), atol=1e-12)
+    assert (out[1, 2] == 0).all() and torch.isneginf(lse[1, 2])
 
 
 def test_rows_with_no_real_key_are_zero_not_nan():
