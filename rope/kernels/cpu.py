@@ -35,9 +35,14 @@ class BandSettings:
     A band at least `chunk_min_width` wide with at least `chunk_min_rows` rows in it is
     computed as unmasked triangles and rectangles. Without key padding, its whole chunks
     of `batch_rows` rows (below the band's width) take three batched calls per sequence
-    and batch (band.py; 0 turns that off). 256: in contended op-level timing at 8k (band widths 1024
-    and 2048) 64-512 rows differed by less than the noise, and 256 is the kernel's query
-    tile. At most `batch_max_rows` rows go in one batch: a batch holds about five copies of
+    and batch (band.py; 0, the default, turns that off). Off by default because on an idle
+    machine it did not pay: one layer at 16k, three interleaved idle runs of
+    benchmarks/bench_attention_op.py (session 6), the per-chunk loop's median ratio to SDPA
+    was at or below the batched one's for rerope, leaky-rerope, self-extend and string (5
+    rounds: 1.045/1.045/1.094/1.063 against 1.093/1.102/1.109/1.103 at 256 rows). On a loaded
+    machine, where every small op waits a scheduler tick, batching 256 rows cut the ratios
+    (contended, 8k: leaky-rerope 2.19 -> 1.71), so `BAND.batch_rows = 256` is the setting for a
+    shared host. At most `batch_max_rows` rows go in one batch: a batch holds about five copies of
     its rows' queries (flipped queries, three outputs, one flipped back), so this bounds the
     peak (2048 rows: ~24 MB at 9 heads × 64 dims float32) at a few calls per 16k-row band.
     The rest, and bands with padded keys (each chunk its own mask slice), go one
@@ -52,7 +57,7 @@ class BandSettings:
     chunk_min_width = 256
     chunk_min_rows = 32
     chunk_max_rows = 768
-    batch_rows = 256
+    batch_rows = 0
     batch_max_rows = 2048
     masked_block = 128
     few_rows = 64
