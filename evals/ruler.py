@@ -22,7 +22,8 @@ tasks with alternative answers. A sample is the whole prompt, its expected answe
 token count and every choice that made it (seed, depth, chat template), so a record alone
 says how it was made. Prompts are fitted to a tokenizer's count: the longest prompt of at
 most `length` tokens. `chat_template`: `auto` uses the tokenizer's template when it has one,
-`on` requires it, `off` sends plain text; the choice actually used is in the sample.
+`on` requires it, `off` (the default, as lm-evaluation-harness without
+`--apply_chat_template`) sends plain text; the choice actually used is in the sample.
 """
 
 from __future__ import annotations
@@ -266,7 +267,7 @@ def count_tokens(tokenizer, text: str, add_special_tokens: bool) -> int:
 
 
 def make_sample(tokenizer, task: str, length: int, depth: float = 0.5, index: int = 0, seed: int = 0,
-                chat_template: str = "auto") -> Sample:
+                chat_template: str = "off") -> Sample:
     """The longest prompt of `task` with at most `length` tokens; deterministic for (task, length, depth, index, seed)."""
     spec = get_task(task)
     if not isinstance(length, int) or length < 1:
@@ -298,7 +299,7 @@ def make_sample(tokenizer, task: str, length: int, depth: float = 0.5, index: in
 
 
 def make_samples(tokenizer, tasks, lengths, depths=(0.5,), samples: int = 1, seed: int = 0,
-                 chat_template: str = "auto") -> list[Sample]:
+                 chat_template: str = "off") -> list[Sample]:
     """Every task × length × depth × index; depth-free tasks get one depth (None). All input checked first."""
     for t in tasks:
         get_task(t)

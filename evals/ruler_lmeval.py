@@ -58,7 +58,7 @@ def task_name(task: str) -> str:
 
 
 def write_ruler_tasks(directory, tokenizer, tasks, lengths, depths=(0.5,), samples: int = 1, seed: int = 0,
-                      chat_template: str = "auto") -> list[str]:
+                      chat_template: str = "off") -> list[str]:
     """Write the task files into `directory`; returns the lm-eval task names. All input checked first."""
     for t in tasks:
         get_task(t)

@@ -93,6 +93,13 @@ def test_chat_template(default_tokenizer, tokenizer):
     auto = make_sample(default_tokenizer, "passkey", 400, chat_template="auto")
     off = make_sample(default_tokenizer, "passkey", 400, chat_template="off")
     assert auto.chat_template is has and off.chat_template is False
+    # plain text is the default (README: the template cost passkey on the default model)
+    assert make_sample(default_tokenizer, "passkey", 400) == off
+    from ropelab.evals.ruler_run import add_parser
+    import argparse
+    sub = argparse.ArgumentParser().add_subparsers()
+    add_parser(sub)
+    assert sub.choices["ruler"].parse_args(["--out", "x"]).chat_template == "off"
     if has:
         assert auto.prompt != off.prompt and not auto.add_special_tokens and auto.prompt.endswith("The pass key is")
     with pytest.raises(ValueError, match="chat_template='on': this tokenizer has no chat template"):
