@@ -18,7 +18,7 @@ from ropelab.patches.evict import ATTRIBUTE, evicting_cache
 from ropelab.patches.key_cache import kept_forms
 from tiny_models import build, left_pad, logits, tokens
 
-ATOL = 1e-5
+ATOL = 1e-5  # float32 logits; keys after the hole rotate at other angles (module docstring)
 # (spec, first tokens kept, last keys kept): sinks keep `window`, lm-infinite n_local - 1
 SPECS = [("sinks:sinks=2,window=9", 2, 9), ("lm-infinite:n_global=3,n_local=10", 3, 9)]
 BLOCK = 4

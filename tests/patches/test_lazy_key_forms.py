@@ -18,7 +18,7 @@ import ropelab.patches as P
 from ropelab.patches.key_cache import kept_forms
 from tiny_models import build, left_pad, logits, tokens
 
-ATOL = 1e-5
+ATOL = 1e-5  # float32 logits, cached decode against one full forward (module docstring)
 SPECS = ["rerope:window=8", "leaky-rerope:window=8,scale=4", "self-extend:window=8,group=4",
          "dca:chunk_size=12,local_window=3", "string:shift=10,local_window=3"]
 
