@@ -26,9 +26,16 @@ to the OS on free and the resident set follows what is alive; left alone, the th
 rises as loading frees large blocks, later tensors reuse heap pages already resident, and
 the peak depends on what loading left behind.
 
-Time: the same subprocess times that forward (one run: at these sizes a forward takes
-10-100 s, far above timer noise; cases of one length run back to back, methods interleaved,
-so load drift hits all methods alike). Decode: prefill 8k with a DynamicCache, then the
+Time: a second subprocess per case times the same forward with glibc's allocator left as
+it is (what a user's process runs): with the mmap threshold fixed, every tensor over 128 KB
+is a fresh mapping whose pages fault in on first touch, a cost per allocation that falls on
+the patched forward's many temporaries (the rotated forms, each part's output) more than on
+the unpatched one's, so times taken with it overstate the patch's cost (session 7: at 16k,
+`leaky-rerope` 1.09-1.11x with it; the time-with-threshold column keeps it visible). At these
+sizes a forward takes 10-100 s, far above timer noise; `--rounds N` repeats every case N
+times, methods interleaved and in reverse order every other round, so load drift hits all
+methods alike, and the ratio to the unpatched model is taken per round (median, min-max).
+Peaks are measured once (first round). Decode: prefill 8k with a DynamicCache, then the
 median of 16 single-token steps.
 """
 
@@ -37,6 +44,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -123,9 +131,11 @@ def _case(model_dir: str, method: str, length: int, decode: bool, cache: str = "
     return {"seconds": seconds, "peak_mb": rss.extra_mb, "route": None if handle is None else handle.route}
 
 
-def _run_case(model_dir, method, length, decode, cache="none") -> dict:
+def _run_case(model_dir, method, length, decode, cache="none", fixed_threshold=True) -> dict:
+    """One case in a fresh subprocess; `fixed_threshold`: glibc's mmap threshold fixed (peaks)."""
     args = [sys.executable, __file__, "--case", model_dir, method, str(length), str(int(decode)), cache]
-    out = subprocess.run(args, capture_output=True, text=True, check=False, env={**os.environ, **MALLOC})
+    env = {**os.environ, **MALLOC} if fixed_threshold else {k: v for k, v in os.environ.items() if k not in MALLOC}
+    out = subprocess.run(args, capture_output=True, text=True, check=False, env=env)
     if out.returncode:
         return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"}
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -140,6 +150,8 @@ def main() -> None:
     parser.add_argument("--cache", default="none", choices=CACHES,
                         help="prefill without a cache (the harness's forward), or into a DynamicCache with the "
                              "patch's key_cache mode kept/lean")
+    parser.add_argument("--rounds", type=int, default=1, help="timed forwards per case, interleaved (ratios per round)")
+    parser.add_argument("--skip-peak", action="store_true", help="time only (no fixed-threshold peak runs)")
     parser.add_argument("--case", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:
@@ -167,31 +179,54 @@ def main() -> None:
         del model
         rows = []
         for length in [int(x) for x in args.lengths.split(",")]:
-            results = {m: _run_case(model_dir, m, length, False, args.cache) for m in methods}
-            base = results["none"]
+            timed: dict[str, list[dict]] = {m: [] for m in methods}
+            peaks: dict[str, dict] = {}
+            for r in range(args.rounds):
+                for m in (methods if r % 2 == 0 else methods[::-1]):
+                    timed[m].append(_run_case(model_dir, m, length, False, args.cache, fixed_threshold=False))
+                    print(f"  {length:>6} round {r} {m:<36} {json.dumps(timed[m][-1])}", file=sys.stderr)
+                    if r == 0 and not args.skip_peak:
+                        peaks[m] = _run_case(model_dir, m, length, False, args.cache, fixed_threshold=True)
+                        print(f"  {length:>6} peak    {m:<36} {json.dumps(peaks[m])}", file=sys.stderr)
             for m in methods:
-                r = results[m]
-                print(f"  {length:>6} {m:<36} {json.dumps(r)}", file=sys.stderr)
-                rows.append((length, m, r, base))
+                rows.append((length, m, _summary(timed[m], timed["none"], peaks.get(m), peaks.get("none"))))
         decode = {}
         if not args.skip_decode:
             decode = {m: _run_case(model_dir, m, args.decode_length, True) for m in methods}
     _print_table(rows, decode, args.decode_length)
 
 
-def _print_table(rows, decode, decode_length) -> None:
-    print("| length | method | route | time s | time × | peak MB | peak × | target (time, mem) |")
-    print("|---|---|---|---|---|---|---|---|")
-    for length, method, r, base in rows:
+def _summary(runs: list[dict], base_runs: list[dict], peak: dict | None, base_peak: dict | None) -> dict:
+    """One table row: median time and per-round ratio (min-max), and the fixed-threshold peak
+    with that process's time; an error in any run is the row."""
+    for r in (*runs, *base_runs, peak or {}, base_peak or {}):
         if "error" in r:
-            print(f"| {length} | {method} | error: {r['error']} | | | | | |")
+            return {"error": r["error"]}
+    ratios = sorted(r["seconds"] / b["seconds"] for r, b in zip(runs, base_runs))
+    row = {"route": runs[0]["route"], "seconds": statistics.median(r["seconds"] for r in runs),
+           "ratio": statistics.median(ratios), "ratio_range": (ratios[0], ratios[-1])}
+    if peak is not None and base_peak is not None:
+        row.update(peak_mb=peak["peak_mb"], peak_ratio=peak["peak_mb"] / base_peak["peak_mb"],
+                   fixed_ratio=peak["seconds"] / base_peak["seconds"])
+    return row
+
+
+def _print_table(rows, decode, decode_length) -> None:
+    print("| length | method | route | time s | time × (min–max) | peak MB | peak × | time × with the threshold fixed "
+          "| target (time, mem) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for length, method, r in rows:
+        if "error" in r:
+            print(f"| {length} | {method} | error: {r['error']} | | | | | | |")
             continue
         route = r.get("route") or "unpatched"
-        tx = r["seconds"] / base["seconds"]
-        mx = r["peak_mb"] / base["peak_mb"]
+        lo, hi = r["ratio_range"]
         target = TARGETS.get(route)
         target_text = f"≤ {target[0]}×, ≤ {target[1]}×" if target else ""
-        print(f"| {length} | {method} | {route} | {r['seconds']:.1f} | {tx:.2f} | {r['peak_mb']:.0f} | {mx:.2f} | {target_text} |")
+        peak = (f"{r['peak_mb']:.0f} | {r['peak_ratio']:.2f} | {r['fixed_ratio']:.2f}" if "peak_mb" in r
+                else "– | – | –")
+        print(f"| {length} | {method} | {route} | {r['seconds']:.1f} | {r['ratio']:.3f} ({lo:.3f}–{hi:.3f}) | "
+              f"{peak} | {target_text} |")
     if decode:
         base = decode["none"]["decode_ms"]
         print(f"\n| decode at {decode_length} | ms/token | × unpatched (target ≤ 2× for relative methods) |")

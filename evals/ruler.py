@@ -35,6 +35,16 @@ from dataclasses import asdict, dataclass, field
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 CHAT_TEMPLATES = ("auto", "on", "off")
+# The tasks the default model scores above chance on, the default of `ropelab ruler --tasks`:
+# the task screen of README "Evidence runs" (SmolLM2-135M, bfloat16, plain prompts, 1k tokens,
+# depth 0.5, 10 samples per task, session 7). Chance there is the better of two guesses: one
+# that never reads the context (about 0 for 7-digit numbers, random names and coined words)
+# and one that copies candidates of the answer's kind from the context at random (needle
+# values, listed words), where the context offers more candidates than the answer holds.
+# Left out: niah-multikey (0.50 [0.24, 0.76] against 0.25 for copying one of the 4 values),
+# common-words (0.21 [0.12, 0.30] against 0.28 for 10 of its ~36 distinct words) and
+# variable-tracking (0.06 [0.00, 0.18]). passkey scores as niah-single and is left out as its twin.
+CPU_TASKS = ("niah-single", "niah-multivalue", "niah-multiquery", "frequent-words")
 METRICS = ("all", "part")
 
 # Keys for needles: common English words, written for this module.

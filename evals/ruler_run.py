@@ -30,7 +30,7 @@ from .identity import display_name, identity_key, model_identity
 from .loading import add_loading_arguments
 from .models import default_apply_method, environment
 from .results import ResultStore, check_out
-from .ruler import CHAT_TEMPLATES, TASKS, Sample, get_task, make_samples, min_words, score, uses_template
+from .ruler import CHAT_TEMPLATES, CPU_TASKS, TASKS, Sample, get_task, make_samples, min_words, score, uses_template
 from .runner import Job, canonical_methods, run_jobs
 from .summary import group_of, labels
 from .uncertainty import Interval, accuracy_interval
@@ -147,7 +147,7 @@ def add_parser(subparsers):
     p.set_defaults(func=run_command)
     p.add_argument("--model", default="default", help="'default' (smollm2-135m), 'gemma3-270m', or a local folder")
     p.add_argument("--methods", action="append", help="comma-separated method specs (repeatable; default rope)")
-    p.add_argument("--tasks", default="niah-single,niah-multikey,variable-tracking",
+    p.add_argument("--tasks", default=",".join(CPU_TASKS),
                    help=f"comma-separated tasks: {', '.join(TASKS)}")
     p.add_argument("--lengths", default="1k,2k,4k", help="prompt lengths in tokens, e.g. 1k,2k,4k")
     p.add_argument("--depths", default="0.1,0.5,0.9", help="needle depths in [0, 1]")

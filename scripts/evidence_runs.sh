@@ -9,7 +9,7 @@
 #       (9 samples per task x length x template cell); 1k to 8k after the tuning
 #   a   tuned versus default at 16k for ntk, beta-base, yarn, rerope, leaky-rerope (tune/METHOD/tune.jsonl),
 #       tuned on stdlib document 5 (--skip-documents 4), reported on document 1 (heldout/)
-#   screen  every RULER-style task at 1k (3 samples): which ones the default model scores above chance on
+#   screen  every RULER-style task at 1k (10 samples): which ones the default model scores above chance on
 # Usage: [SEED=main-job-dir] nice -n 19 bash scripts/evidence_runs.sh [OUT]   (default /work/runs/evidence2)
 # SEED: a finished main-job store (results.jsonl of `ropelab sweep-default`, bf16) copied in as
 # document 1 of c and the defaults of the held-out comparison, so they are not run again.
@@ -69,7 +69,7 @@ ruler_cells 4k
 ruler_cells 8k
 $R plot "$OUT/templates" || true
 
-# which RULER-style tasks the default model scores above chance on (the CPU default set): 1k, 3 samples
+# which RULER-style tasks the default model scores above chance on (the CPU default set): 1k, 10 samples
 TASKS=niah-single,niah-multikey,niah-multivalue,niah-multiquery,variable-tracking,common-words,frequent-words,passkey
-$R ruler --quiet $DT --tasks "$TASKS" --lengths 1k --depths 0.5 --samples 3 --out "$OUT/screen" || true
+$R ruler --quiet $DT --tasks "$TASKS" --lengths 1k --depths 0.5 --samples 10 --chat-template off --out "$OUT/screen-off" || true
 

@@ -99,7 +99,11 @@ def test_chat_template(default_tokenizer, tokenizer):
     import argparse
     sub = argparse.ArgumentParser().add_subparsers()
     add_parser(sub)
-    assert sub.choices["ruler"].parse_args(["--out", "x"]).chat_template == "off"
+    args = sub.choices["ruler"].parse_args(["--out", "x"])
+    assert args.chat_template == "off"
+    # the default tasks are the screened CPU set (evals/ruler.py CPU_TASKS), every one a task
+    from ropelab.evals.ruler import CPU_TASKS, TASKS
+    assert args.tasks.split(",") == list(CPU_TASKS) and set(CPU_TASKS) <= set(TASKS)
     if has:
         assert auto.prompt != off.prompt and not auto.add_special_tokens and auto.prompt.endswith("The pass key is")
     with pytest.raises(ValueError, match="chat_template='on': this tokenizer has no chat template"):
