@@ -40,13 +40,7 @@ def merge_into(out1: torch.Tensor, lse1: torch.Tensor, out2: torch.Tensor, lse2:
     work = torch.promote_types(torch.promote_types(lse1.dtype, lse2.dtype), torch.float32)
     lse1, lse2 = lse1.to(work), lse2.to(work)
     lse = torch.logaddexp(lse1, lse2)  # -inf only where both parts are empty
-    # exp(-inf - -inf) is NaN exactly for rows empty in both parts; their weight is 0.
-    w1 = torch.exp(lse1 - lse).nan_to_num_(0.0).unsqueeze(-1)
-    w2 = torch.exp(lse2 - lse).nan_to_num_(0.0).unsqueeze(-1)
-    if out1.dtype == work:
-        out1.mul_(w1).addcmul_(out2, w2)
-    else:  # half types: weights rounded once to the output dtype, rows combined in place
-        out1.mul_(w1.to(out1.dtype)).addcmul_(out2, w2.to(out1.dtype))
+    _weighted_sum(out1, (out1, out2), (lse1, lse2), lse)
     return lse
 
 
@@ -61,15 +55,22 @@ def merge_all(out: torch.Tensor, lse: torch.Tensor, pieces) -> None:
     piece come out 0 with lse -inf.
     """
     work = torch.promote_types(torch.promote_types(pieces[0][1].dtype, lse.dtype), torch.float32)
-    lses = torch.stack([l.to(work) for _, l in pieces])
-    total = torch.logsumexp(lses, 0)  # -inf only where every piece is empty
-    weights = torch.exp(lses - total).nan_to_num_(0.0)  # exp(-inf - -inf) = NaN there: weight 0
-    if weights.dtype != out.dtype:
-        weights = weights.to(out.dtype)
-    for k, (o, _) in enumerate(pieces):
-        w = weights[k].unsqueeze(-1)
-        if k == 0:
-            torch.mul(o, w, out=out)
-        else:
-            out.addcmul_(o, w)
+    lses = [l.to(work) for _, l in pieces]
+    total = torch.logsumexp(torch.stack(lses), 0)  # -inf only where every piece is empty
+    _weighted_sum(out, [o for o, _ in pieces], lses, total)
     lse.copy_(total)
+
+
+def _weighted_sum(out: torch.Tensor, outs, lses, total: torch.Tensor) -> None:
+    """out = Σ_k e^(lses[k] - total)·outs[k], in place (outs[0] may be out itself). Weights are
+    computed in the lse dtype and rounded once to a half-precision out's dtype; a row empty in
+    every piece (exp(-inf - -inf) is NaN there) weighs 0, so it comes out 0."""
+    for k, (o, l) in enumerate(zip(outs, lses)):
+        w = torch.exp(l - total).nan_to_num_(0.0)
+        w = (w if w.dtype == out.dtype else w.to(out.dtype)).unsqueeze(-1)
+        if k > 0:
+            out.addcmul_(o, w)
+        elif o is out:
+            out.mul_(w)
+        else:
+            torch.mul(o, w, out=out)
