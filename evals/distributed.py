@@ -207,6 +207,13 @@ def init_process_group(rank: Rank, backend: str | None = None, timeout: timedelt
 
     if not rank.launched or dist.is_initialized():
         return False
+    # Imported before the group exists, on purpose: its functions take `group=group.WORLD` as a
+    # default argument, evaluated at import, so importing it later (transformers' from_pretrained
+    # does) keeps the world group alive past destroy_process_group. Gloo's worker threads then
+    # outlive it to interpreter shutdown, where they abort the process now and then
+    # ("terminate called without an active exception", SIGABRT after all the work was written).
+    import torch.distributed.nn.functional  # noqa: F401
+
     kwargs = {} if timeout is None else {"timeout": timeout}
     dist.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"), **kwargs)
     return True

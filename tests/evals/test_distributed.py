@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import json
 import socket
+from pathlib import Path
 
 import pytest
 import torch.multiprocessing as mp
@@ -127,3 +128,44 @@ def test_two_gloo_ranks_split_the_same_way_and_refuse_mismatches(tmp_path):
         assert r["refused"] == ("lengths: the ranks of one run must run the same sweep, but they differ "
                                 "(rank 0: [1024, 2048], rank 1: [1024, 4096]); differing fields: lengths")
     assert results[0]["gathered"] == results[1]["gathered"]
+
+
+def gloo_threads() -> list[str]:
+    """Names of this process's native threads that belong to gloo (Linux: /proc/self/task)."""
+    names = []
+    for comm in Path("/proc/self/task").glob("*/comm"):
+        try:
+            names.append(comm.read_text().strip())
+        except OSError:  # a thread that ended while listed
+            pass
+    return sorted(n for n in names if "gloo" in n)
+
+
+def release_worker(rank: int, world: int, port: int, model_dir: str, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM
+
+    from ropelab.evals.distributed import init_process_group
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    assert init_process_group(Rank.from_environment(), backend="gloo")
+    AutoModelForCausalLM.from_pretrained(model_dir)  # imports torch.distributed.nn.functional, as the CLI's load does
+    dist.barrier()
+    before = gloo_threads()
+    dist.destroy_process_group()
+    with open(f"{out}/rank{rank}.json", "w") as f:
+        json.dump({"before": before, "after": gloo_threads()}, f)
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads thread names from Linux's /proc")
+def test_leaving_the_group_ends_gloos_threads_after_a_model_load(model_dir, tmp_path):
+    """destroy_process_group must free the group, or gloo's threads live on to interpreter
+    shutdown, where they abort a finished rank now and then (SIGABRT, a failed torchrun run)."""
+    mp.spawn(release_worker, args=(2, free_port(), str(model_dir), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        threads = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert threads["before"], "no gloo thread seen while in the group: the check would prove nothing"
+        assert threads["after"] == [], threads
