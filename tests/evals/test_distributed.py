@@ -90,15 +90,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def worker(rank: int, world: int, port: int, out: str) -> None:
+def torchrun_environment(rank: int, world: int, port: int) -> None:
+    """Set what torchrun would set for `rank` of `world` processes on localhost."""
     import os
 
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+def worker(rank: int, world: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
     from ropelab.evals.distributed import check_same_parameters, init_process_group
 
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torchrun_environment(rank, world, port)
     me = Rank.from_environment()
     assert init_process_group(me, backend="gloo")
     jobs = [f"{m}@{n}" for m in ("rope", "ntk", "yarn") for n in (1024, 4096, 2048)]
@@ -136,21 +141,18 @@ def gloo_threads() -> list[str]:
     for comm in Path("/proc/self/task").glob("*/comm"):
         try:
             names.append(comm.read_text().strip())
-        except OSError:  # a thread that ended while listed
-            pass
+        except OSError:  # a thread that ended between listing and reading: it has no name to report
+            continue
     return sorted(n for n in names if "gloo" in n)
 
 
 def release_worker(rank: int, world: int, port: int, model_dir: str, out: str) -> None:
-    import os
-
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
 
     from ropelab.evals.distributed import init_process_group
 
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torchrun_environment(rank, world, port)
     assert init_process_group(Rank.from_environment(), backend="gloo")
     AutoModelForCausalLM.from_pretrained(model_dir)  # imports torch.distributed.nn.functional, as the CLI's load does
     dist.barrier()

@@ -1,12 +1,14 @@
 """RULER-style tasks: length fit on the default model's tokenizer, determinism, answers
 present where the task says, scoring as RULER scores, chat templates, bad input."""
 
+import argparse
 import collections
 import re
 
 import pytest
 
-from ropelab.evals.ruler import TASKS, make_sample, make_samples, score
+from ropelab.evals.ruler import CPU_TASKS, TASKS, make_sample, make_samples, score
+from ropelab.evals.ruler_run import add_parser
 
 
 @pytest.fixture(scope="module")
@@ -95,14 +97,11 @@ def test_chat_template(default_tokenizer, tokenizer):
     assert auto.chat_template is has and off.chat_template is False
     # plain text is the default (README: the template cost passkey on the default model)
     assert make_sample(default_tokenizer, "passkey", 400) == off
-    from ropelab.evals.ruler_run import add_parser
-    import argparse
     sub = argparse.ArgumentParser().add_subparsers()
     add_parser(sub)
     args = sub.choices["ruler"].parse_args(["--out", "x"])
     assert args.chat_template == "off"
     # the default tasks are the screened CPU set (evals/ruler.py CPU_TASKS), every one a task
-    from ropelab.evals.ruler import CPU_TASKS, TASKS
     assert args.tasks.split(",") == list(CPU_TASKS) and set(CPU_TASKS) <= set(TASKS)
     if has:
         assert auto.prompt != off.prompt and not auto.add_special_tokens and auto.prompt.endswith("The pass key is")
