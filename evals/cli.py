@@ -43,7 +43,7 @@ import ropelab
 from ropelab.spec import parse_int_with_suffix
 
 from .checks import check_depths, check_int
-from .data import check_source
+from .data import DATA_HELP, check_source
 from .distributed import Rank, check_same_parameters, default_shard, init_process_group, local_devices
 from .export_command import add_export_parser
 from .loading import add_loading_arguments, check_model_name, loading_options, parse_max_memory
@@ -363,7 +363,7 @@ def add_info(subparsers):
 def add_eval(subparsers):
     p = _add(subparsers, "eval", cmd_eval, "perplexity versus context length (resumable JSONL, plots, report)")
     _common(p)
-    p.add_argument("--data", default="stdlib", help="'stdlib', a text file, a folder, or hf:NAME[:CONFIG[:SPLIT]]")
+    p.add_argument("--data", default="stdlib", help=DATA_HELP)
     p.add_argument("--lengths", default="2k,4k,8k", help="context lengths N, e.g. 4k,8k,16k")
     p.add_argument("--protocol", default="fixed-target", choices=protocol_names(),
                    help="; ".join(f"{n}: {get_protocol(n).description}" for n in protocol_names()))

@@ -98,10 +98,10 @@ def perplexity(
         jobs = []
         for doc in documents:
             for n in forward:
-                extra = {}
+                extra = {"text_start": doc.start} if doc.start else {}
                 if entry.method is not None:
-                    extra = {"lengths": protocol.kind.served(protocol, entry.method, n, lengths),
-                             "prefix_consistent": not entry.method.length_dependent}
+                    extra.update(lengths=protocol.kind.served(protocol, entry.method, n, lengths),
+                                 prefix_consistent=not entry.method.length_dependent)
                 jobs.append(Job({"document": doc.id, "length": n}, doc.ids[: protocol.window], extra))
         return jobs
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .data import DATA_HELP
 from .loading import add_loading_arguments
 from .tune import Continuous, Grid, Search, tunable, tune_figure
 from .uncertainty import Interval, loss_interval
@@ -119,7 +120,7 @@ def add_parser(subparsers):
     p.add_argument("--targets", type=int, default=2048, help="scored tokens at the end of each window")
     p.add_argument("--documents", type=int, default=2, help="tuning documents")
     p.add_argument("--skip-documents", type=int, default=1, help="documents left for reporting (not tuned on)")
-    p.add_argument("--data", default="stdlib")
+    p.add_argument("--data", default="stdlib", help=DATA_HELP)
     p.add_argument("--out", required=True, help="run directory (tune.jsonl, resumable; tune_<param>.png)")
     add_loading_arguments(p)
     return p
@@ -207,7 +208,8 @@ def run_tune(args) -> int:
 
         def on_result(spec, setting, value):
             store.append({"type": "tune", "key": job_key(key, spec, params, fields), "model_key": key, "model": name,
-                          "method": spec, "params": params, **fields, "setting": setting, "status": "ok",
+                          "method": spec, "params": params, **fields, "text_starts": [d.start for d in docs],
+                          "setting": setting, "status": "ok",
                           "interval": value.as_dict(), "seconds": seconds.get(spec)})
             print(f"  {spec}: {value}", file=sys.stderr)
 

@@ -13,6 +13,7 @@ import os
 import sys
 import traceback
 
+from ..data import DATA_HELP
 from .positions import POSITIONS, SIZES
 
 
@@ -72,7 +73,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=2_097_152, help="token budget (steps = tokens / (batch × L))")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data", default="stdlib", help="'stdlib', a text file or a folder")
+    p.add_argument("--data", default="stdlib", help=DATA_HELP)
     p.add_argument("--heldout-every", type=int, default=20, help="1 document in N is held out for evaluation")
     p.add_argument("--tokenizer", default="corpus:4096", help="corpus:V (a BPE of V tokens trained on the training documents; the default), a default model's name, or a tokenizer folder")
     p.add_argument("--logn-length", type=int, default=None, help="rope-logn: L0 of the log-n scale (default L/4)")

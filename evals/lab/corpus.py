@@ -18,7 +18,7 @@ import hashlib
 
 import torch
 
-from ..data import TokenizedDocument, iter_documents
+from ..data import START_CHARS, TokenizedDocument, iter_documents
 
 
 def is_heldout(doc_id: str, every: int) -> bool:
@@ -68,15 +68,16 @@ def heldout_documents(source: str, tokenizer, length: int, count: int, heldout_e
     """`count` windows of `length` tokens, each joined from consecutive held-out documents."""
     check_every(heldout_every)
     sep = tokenizer("\n\n", add_special_tokens=False)["input_ids"]
-    chosen, ids, names = [], [], []
+    chosen, ids, names, start = [], [], [], ""
     for doc in iter_documents(source):
         if not is_heldout(doc.id, heldout_every) or not doc.text.strip():
             continue
         ids += (sep if ids else []) + tokenizer(doc.text, add_special_tokens=False)["input_ids"]
         names.append(doc.id)
+        start = start if len(names) > 1 else doc.text[:START_CHARS]
         if len(ids) >= length:
             name = names[0] if len(names) == 1 else f"{names[0]}+{len(names) - 1}"
-            chosen.append(TokenizedDocument(name, ids[:length]))
+            chosen.append(TokenizedDocument(name, ids[:length], start))
             ids, names = [], []
             if len(chosen) == count:
                 return chosen

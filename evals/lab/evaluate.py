@@ -138,6 +138,7 @@ def evaluate_run(p: dict, store: ResultStore, documents: int, chunk: int, device
         count = (n - 1) * len(per_doc)
         return {"loss": sum(x for x, _ in per_doc) / count, "accuracy": sum(h for _, h in per_doc) / count,
                 "predictions": count, "documents": [d.id for d in windows()],
+                "text_starts": [d.start for d in windows()],
                 "document_loss": [x / (n - 1) for x, _ in per_doc], "document_hits": [h for _, h in per_doc]}
 
     def apply_method(model, method):

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from . import positions as pos
+from ..data import check_source
 from .corpus import check_every, sample_blocks, training_stream
 
 RUN_FILE = "lab.json"
@@ -263,6 +264,7 @@ def train(config: TrainConfig, out, *, tokenizer=None, device: str = "cpu", prog
     check_device(device)
     pos.check_position(config.position)  # the cheap checks before a tokenizer is loaded or trained
     pos.check_size(pos.parse_size(config.size), config.position)
+    check_source(config.data)  # a missing corpus (or Parquet without pyarrow) before anything is read or written
     resuming = check_folder(out, config)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.tokenizer, config, out)
     limit = pos.available_bytes() if memory_limit == "auto" else memory_limit
