@@ -134,14 +134,26 @@ def _ruler_section(records: list[dict]) -> list[str]:
     lines = ["## RULER-style tasks", "",
              "Mean score per task (RULER's string match) with its 95% interval over samples (Wilson for 0/1 "
              "scores), all depths together; the heatmaps (`ruler_TASK.png`) show length × depth.", ""]
+    missing = []
     for task, rows in tables.items():
         lengths = sorted({n for row in rows.values() for n in row})
         lines += [f"### {task}", ""]
         lines += _table(["method"] + [_k(n) for n in lengths],
-                        [[f"`{m}`"] + [f"{row[n].mean:.2f} [{row[n].low:.2f}, {row[n].high:.2f}]" if n in row else "–"
-                                       for n in lengths] for m, row in rows.items()])
+                        [[f"`{m}`"] + [_score_cell(row[n]) if n in row else "–" for n in lengths]
+                         for m, row in rows.items()])
         lines += [""]
+        missing += [f"{task} `{m}` {_k(n)}: {cell.why_none}" for m, row in rows.items() for n, cell in row.items()
+                    if cell.interval is None]
+    if missing:
+        lines += ["No interval (the mean alone) where partial scores are too few for a bootstrap: "
+                  + "; ".join(missing) + ". Run more samples (`--samples`) for intervals.", ""]
     return lines
+
+
+def _score_cell(cell) -> str:
+    if cell.interval is None:
+        return f"{cell.mean:.2f} (no interval)"
+    return f"{cell.mean:.2f} [{cell.interval.low:.2f}, {cell.interval.high:.2f}]"
 
 
 def _evidence_section(ppl: list[dict], ruler: list[dict]) -> list[str]:

@@ -8,7 +8,8 @@
   their rows never mix; the job fields are task, length, depth and sample index;
 - `answer`: greedy generation for one sample, tokenized as the sample says;
 - `task_table` / `depth_table`: per task and row (summary.labels), the mean score by length
-  with a 95% interval (evals/uncertainty.py), and by length and depth for the heatmap;
+  with a 95% interval (evals/uncertainty.py; none, and said so, where partial scores are too
+  few for a bootstrap: any records make a report), and by length and depth for the heatmap;
 - `effective_length`: RULER's effective length (Hsieh et al. 2024, "RULER: What's the Real
   Context Size of Your Long-Context Language Models?"): the longest length whose score, and
   every shorter length's, stays at or above a threshold. RULER's threshold is 85.6, the
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -33,7 +35,7 @@ from .results import ResultStore, check_out
 from .ruler import CHAT_TEMPLATES, CPU_TASKS, TASKS, Sample, get_task, make_samples, min_words, score, uses_template
 from .runner import Job, canonical_methods, run_jobs
 from .summary import group_of, labels
-from .uncertainty import Interval, accuracy_interval
+from .uncertainty import MIN_BLOCKS, Interval, accuracy_interval
 
 RULER_THRESHOLD = 85.6  # percent: Llama-2-7B's 4k score in the RULER paper
 RELATIVE_FRACTION = 0.85  # model-relative threshold: this fraction of the model's own shortest-length score
@@ -106,9 +108,37 @@ def _scores(records: list[dict], cell) -> dict[str, dict[str, dict]]:
     return out
 
 
-def task_table(records: list[dict]) -> dict[str, dict[str, dict[int, Interval]]]:
-    """{task: {row label: {length: mean score with its 95% interval over samples (all depths)}}}."""
-    return {t: {m: {n: accuracy_interval(v) for n, v in sorted(rows.items())} for m, rows in ms.items()}
+@dataclass(frozen=True)
+class TaskScore:
+    """A cell of the task table: the mean score over its samples and, when one can be made,
+    its 95% interval (`uncertainty.accuracy_interval`: Wilson for 0/1 scores; a bootstrap for
+    partial scores, which needs `MIN_BLOCKS` samples, so fewer give none and `why_none` says so)."""
+
+    mean: float
+    samples: int
+    interval: Interval | None
+
+    @property
+    def why_none(self) -> str:
+        return "" if self.interval else (f"{self.samples} samples with partial scores: a bootstrap interval "
+                                         f"needs at least {MIN_BLOCKS}")
+
+    def __str__(self) -> str:
+        return str(self.interval) if self.interval else f"{self.mean:.4f} (no interval: {self.why_none})"
+
+
+def task_score(scores: list[float]) -> TaskScore:
+    try:
+        interval = accuracy_interval(scores)
+    except ValueError:  # partial scores from too few samples for a bootstrap: the mean alone, said so
+        interval = None
+    return TaskScore(sum(scores) / len(scores), len(scores), interval)
+
+
+def task_table(records: list[dict]) -> dict[str, dict[str, dict[int, TaskScore]]]:
+    """{task: {row label: {length: mean score with its 95% interval over samples (all depths), when
+    one can be made}}}: any ok records make a table."""
+    return {t: {m: {n: task_score(v) for n, v in sorted(rows.items())} for m, rows in ms.items()}
             for t, ms in _scores(records, lambda r: r["length"]).items()}
 
 

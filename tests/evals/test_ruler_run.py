@@ -54,8 +54,14 @@ def test_depth_table_cells():
 def test_task_table_intervals():
     recs = [{"status": "ok", "task": "passkey", "method": "rope", "length": 1024, "score": s, "params": {}, "model_key": "k"}
             for s in (1, 1, 0, 1)]
-    iv = task_table(recs)["passkey"]["rope"][1024]
-    assert iv.mean == 0.75 and iv.low < 0.75 < iv.high
+    cell = task_table(recs)["passkey"]["rope"][1024]
+    assert cell.mean == 0.75 and cell.interval.low < 0.75 < cell.interval.high and "Wilson" in cell.interval.how
+    partial = [{**recs[0], "task": "niah-multivalue", "score": s} for s in (0.5, 0.25, 1.0)]
+    cell = task_table(partial)["niah-multivalue"]["rope"][1024]  # too few partial scores for a bootstrap
+    assert cell.mean == pytest.approx(1.75 / 3, abs=1e-15) and cell.interval is None
+    assert cell.why_none == "3 samples with partial scores: a bootstrap interval needs at least 10"
+    cell = task_table(partial * 4)["niah-multivalue"]["rope"][1024]
+    assert cell.interval is not None and "bootstrap" in cell.interval.how
 
 
 def test_effective_length_is_rulers_definition():
@@ -96,3 +102,29 @@ def test_default_model_finds_a_single_needle_at_1k():
     (record,) = ruler(model, tok, ["niah-single"], ["rope"], [1024], [0.5], chat_template="on", apply_method=unpatched,
                       progress=False)
     assert record["score"] == 1.0, record["prediction"]
+
+
+def test_a_run_with_too_few_partial_scores_is_reported_without_those_intervals(model_dir, tmp_path, monkeypatch,
+                                                                                capsys):
+    """Three samples of a multi-value task give partial scores, too few for a bootstrap interval:
+    the run ends 0 and `ropelab plot` reports it (before, both exited 2), the mean alone in those
+    cells, said so."""
+    import ropelab.evals.ruler_run as ruler_run
+
+    def half_the_values(model, tokenizer, sample):  # a model that finds half of the needles' values
+        return " ".join(sample.answers[: len(sample.answers) // 2])
+
+    monkeypatch.setattr(ruler_run, "answer", half_the_values)
+    out = tmp_path / "run"
+    argv = ["ruler", "--model", str(model_dir), "--methods", "rope,yarn:scale=2", "--tasks", "niah-multivalue,passkey",
+            "--lengths", "400", "--depths", "0.5", "--samples", "3", "--out", str(out), "--quiet"]
+    assert cli.main(argv) == 0
+    assert "(no interval: 3 samples with partial scores" in capsys.readouterr().out
+    scores = {r["score"] for r in read_run(out, "ruler").records}
+    assert scores == {0.5, 0.0}  # multivalue: 2 of 4 values; passkey: 0 of its 1
+    for _ in range(2):  # `ropelab plot` on the folder, as often as asked
+        assert cli.main(["plot", str(out)]) == 0
+        report = (out / "report.md").read_text()
+        assert "| `rope` | 0.50 (no interval) |" in report and "| `yarn:scale=2` | 0.50 (no interval) |" in report
+        assert "| `rope` | 0.00 [0.00, 0.56] |" in report  # 0/1 scores: Wilson, whatever the count
+        assert "niah-multivalue `rope` 400: 3 samples with partial scores: a bootstrap interval needs at least 10" in report
