@@ -42,7 +42,7 @@ from datetime import timedelta
 import ropelab
 from ropelab.spec import parse_int_with_suffix
 
-from .checks import check_depths, check_int
+from .checks import check_depths, check_int, split_list, split_methods
 from .data import DATA_HELP, check_source
 from .distributed import Rank, check_same_parameters, default_shard, init_process_group, local_devices
 from .export_command import add_export_parser
@@ -61,46 +61,27 @@ class BadInput(ValueError):
     """An input error found before any work started (exit code 2)."""
 
 
-def split_methods(text: str) -> list[str]:
-    """'rope,ntk:scale=2,logn=true,rerope:window=4k' -> ['rope', 'ntk:scale=2,logn=true', 'rerope:window=4k'].
-
-    A comma-separated item with '=' but no ':' continues the previous method's parameters.
-    """
-    items, depth, current = [], 0, ""
-    for char in text + ",":
-        depth += {"(": 1, ")": -1}.get(char, 0)
-        if char == "," and depth == 0:
-            if current.strip():
-                items.append(current.strip())
-            current = ""
-        else:
-            current += char
-    methods: list[str] = []
-    for item in items:
-        if "=" in item and ":" not in item.split("=", 1)[0] and methods:
-            methods[-1] += "," + item
-        else:
-            methods.append(item)
-    return methods
-
-
-def parse_methods(texts: list[str]) -> list[str]:
+def parse_methods(texts: list[str], flag: str = "--methods") -> list[str]:
     """Split, validate and deduplicate by canonical spec (`--methods rope --methods rope` runs once)."""
-    specs = [m for text in texts for m in split_methods(text)]
+    try:
+        specs = [m for text in texts for m in split_methods(text, flag)]
+    except ValueError as exc:
+        raise BadInput(str(exc)) from None
     canonical = []
     for spec in specs:
         try:
             canonical.append(ropelab.parse_method(spec).spec())
         except (ValueError, TypeError) as exc:
-            raise BadInput(f"--methods {spec!r}: {exc}") from None
+            raise BadInput(f"{flag} {spec!r}: {exc}") from None
     if not canonical:
-        raise BadInput("--methods: give at least one method (see `ropelab methods`)")
+        raise BadInput(f"{flag}: give at least one method (see `ropelab methods`)")
     return list(dict.fromkeys(canonical))
 
 
 def parse_lengths(text: str, flag: str = "--lengths") -> list[int]:
+    items = checked_list(text, flag, "4k,8k,16k")
     try:
-        lengths = [parse_int_with_suffix(t) for t in text.split(",") if t.strip()]
+        lengths = [parse_int_with_suffix(t) for t in items]
     except ValueError as exc:
         raise BadInput(f"{flag} {text!r}: {exc}") from None
     if not lengths or min(lengths) < 2:
@@ -108,11 +89,25 @@ def parse_lengths(text: str, flag: str = "--lengths") -> list[int]:
     return lengths
 
 
+def parse_length(text: str, flag: str) -> int:
+    if "," in text:
+        raise BadInput(f"{flag} {text!r}: give one length, like 16k")
+    return parse_lengths(text, flag)[0]
+
+
 def parse_floats(text: str, flag: str) -> list[float]:
+    items = checked_list(text, flag, "0.1,0.5,0.9")
     try:
-        return [float(t) for t in text.split(",") if t.strip()]
+        return [float(t) for t in items]
     except ValueError:
         raise BadInput(f"{flag} {text!r}: expected numbers like 0.1,0.5,0.9") from None
+
+
+def checked_list(text: str, flag: str, example: str) -> list[str]:
+    try:
+        return split_list(text, flag, example)
+    except ValueError as exc:
+        raise BadInput(str(exc)) from None
 
 
 def checked(flag: str, check, *args):
@@ -222,7 +217,7 @@ def cmd_eval(args) -> int:
     rank = launch(args)
     methods = parse_methods(args.methods or ["rope"])
     lengths = parse_lengths(args.lengths)
-    window = parse_lengths(args.window, "--window")[0] if args.window else max(lengths)
+    window = parse_length(args.window, "--window") if args.window else max(lengths)
     checked("--documents", check_int, "documents", args.documents)
     checked("--chunk", check_int, "chunk", args.chunk)
     data = checked("--data", check_source, args.data)
@@ -292,10 +287,10 @@ def cmd_lm_eval(args) -> int:
         raise BadInput(f"--limit {args.limit:g}: fewer documents than the {ranks} ranks; lm-eval fails on a rank "
                        "without documents, so give --limit >= the number of ranks")
     rank = launch(args)  # several ranks: lm-eval's data-parallel mode (lmeval.py), rank 0 writes
-    method = parse_methods([args.method])[0]
-    tasks = [t for t in args.tasks.split(",") if t.strip()]
-    if not tasks:
-        raise BadInput(f"--tasks {args.tasks!r}: give at least one lm-eval task name")
+    method, *more = parse_methods([args.method], "--method")
+    if more:
+        raise BadInput(f"--method {args.method!r}: give one method (lm-eval runs one model at a time)")
+    tasks = checked_list(args.tasks, "--tasks", "ropelab_passkey,hellaswag")
     if args.limit is not None and args.limit <= 0:
         raise BadInput(f"--limit: limit={args.limit!r}: must be > 0 (>= 1: examples per task; < 1: a fraction)")
     passkey_lengths = parse_lengths(args.passkey_lengths, "--passkey-lengths")

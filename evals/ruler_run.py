@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .checks import check_depths, check_int, check_lengths
+from .checks import check_depths, check_int, check_lengths, split_list, split_methods
 from .identity import display_name, identity_key, model_identity
 from .loading import add_loading_arguments
 from .models import default_apply_method, environment
@@ -193,14 +193,12 @@ def add_parser(subparsers):
     return p
 
 
-def _split(text: str, flag: str, parse) -> list:
+def _split(text: str, flag: str, parse, example: str) -> list:
+    items = split_list(text, flag, example)  # empty items refused
     try:
-        values = [parse(t.strip()) for t in text.split(",") if t.strip()]
+        return [parse(t) for t in items]
     except ValueError as exc:
         raise ValueError(f"{flag} {text!r}: {exc}") from None
-    if not values:
-        raise ValueError(f"{flag} {text!r}: give at least one value")
-    return values
 
 
 def check_command(args) -> dict:
@@ -215,14 +213,14 @@ def check_command(args) -> dict:
     from .loading import checked_model_options
     from .results import check_can_write
 
-    tasks = _split(args.tasks, "--tasks", str)
+    tasks = _split(args.tasks, "--tasks", str, "niah-single,passkey")
     for t in tasks:
         try:
             get_task(t)
         except ValueError as exc:
             raise ValueError(f"--tasks: {exc}") from None
-    lengths = _split(args.lengths, "--lengths", parse_int_with_suffix)
-    depths = _split(args.depths, "--depths", float)
+    lengths = _split(args.lengths, "--lengths", parse_int_with_suffix, "1k,2k,4k")
+    depths = _split(args.depths, "--depths", float, "0.1,0.5,0.9")
     for d in depths:
         if not 0.0 <= d <= 1.0:
             raise ValueError(f"--depths {args.depths!r}: depth={d:g} must be between 0 and 1 "
@@ -234,7 +232,7 @@ def check_command(args) -> dict:
                                  f"and question alone have {need} words (at least {need} tokens)")
     if args.samples < 1:
         raise ValueError(f"--samples {args.samples}: must be an integer >= 1")
-    specs = [m for text in (args.methods or ["rope"]) for m in text.split(",") if m.strip()]
+    specs = [m for text in (args.methods or ["rope"]) for m in split_methods(text)]
     methods = []
     for spec in specs:
         try:

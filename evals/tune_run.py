@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .checks import split_list
 from .data import DATA_HELP
 from .loading import add_loading_arguments
 from .tune import Continuous, Grid, Search, tunable, tune_figure
@@ -128,7 +129,7 @@ def add_parser(subparsers):
 
 def _fixed(text: str) -> dict:
     out = {}
-    for part in filter(None, (t.strip() for t in text.split(","))):
+    for part in split_list(text, "--fixed", "beta=0.625,logn=1") if text.strip() else []:
         name, sep, value = part.partition("=")
         if not sep:
             raise ValueError(f"--fixed {text!r}: expected name=value,...")

@@ -13,13 +13,15 @@ import os
 import sys
 import traceback
 
+from ..checks import split_list, split_methods
 from ..data import DATA_HELP
 from .positions import POSITIONS, SIZES
 
 
 def _int_list(text: str, flag: str) -> list[int]:
+    items = split_list(text, flag, "1,4,8,16")
     try:
-        return [int(t) for t in text.split(",") if t.strip()]
+        return [int(t) for t in items]
     except ValueError:
         raise ValueError(f"{flag} {text!r}: expected integers like 1,4,8,16") from None
 
@@ -48,8 +50,6 @@ def cmd_eval(args) -> int:
 
     methods = None
     if args.methods:
-        from ..cli import split_methods
-
         methods = [m for text in args.methods for m in split_methods(text)]
     table = evaluate(args.runs, args.out, factors=_int_list(args.factors, "--factors"), methods=methods,
                      documents=args.documents, device=args.device, progress=not args.quiet)
