@@ -7,7 +7,8 @@ A run folder holds:
   tokens.pt             the training blocks, sampled from the whole training split (the
                         budget's worth, so a resume never re-tokenizes)
   checkpoint/           the last checkpoint: model/ (save_pretrained), optimizer.pt, scheduler.pt,
-                        state.pt (step, RNG states)
+                        state.pt (step, RNG states); tensors and plain values only, loaded
+                        with `weights_only=True` (a file naming other objects is refused)
   train_log.jsonl       one line per step: step, tokens, loss, lr, seconds
   model/                the trained model and its tokenizer (save_pretrained; `ropelab eval --model`)
   loss_curve.png        the training loss
@@ -28,6 +29,8 @@ import dataclasses
 import json
 import math
 import os
+import pickle
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -224,6 +227,22 @@ def _save_checkpoint(out: Path, model, optimizer, scheduler, step: int) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def load_plain(path: Path):
+    """A file `torch.save` wrote, loaded with `weights_only=True`: tensors, numbers, strings,
+    lists, tuples and dicts only, so loading runs no code. Everything the lab saves (tokens,
+    optimizer, scheduler and RNG states) is of these types. A file naming any other Python
+    object (a crafted pickle would name a function to call) is refused with ValueError naming
+    the file, before anything of the run is changed."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        named = f"it names {found.group(1)}" if found else str(exc).strip().splitlines()[-1][:200]
+        raise ValueError(f"checkpoint={str(path)!r}: refused: loading it would run Python code ({named}); a lab "
+                         "checkpoint holds only tensors and plain values. Only resume run folders you made or "
+                         "trust; to train this run from its start, use a new --out") from None
+
+
 def _recover(out: Path) -> None:
     """A kill between the two renames of `_save_checkpoint` leaves checkpoint.old only."""
     if not (out / "checkpoint").exists() and (out / "checkpoint.old").exists():
@@ -276,7 +295,7 @@ def train(config: TrainConfig, out, *, tokenizer=None, device: str = "cpu", prog
     method = config.training_method()
 
     if resuming and (out / "tokens.pt").exists():
-        tokens = torch.load(out / "tokens.pt").view(-1, config.train_length)
+        tokens = load_plain(out / "tokens.pt").view(-1, config.train_length)
     else:
         stream = training_stream(config.data, tokenizer, config.heldout_every)
         if len(stream) < config.train_length:
@@ -313,8 +332,9 @@ def train(config: TrainConfig, out, *, tokenizer=None, device: str = "cpu", prog
     if ckpt.exists():
         from transformers import AutoModelForCausalLM
 
+        saved = {name: load_plain(ckpt / f"{name}.pt") for name in ("state", "optimizer", "scheduler")}
         model = AutoModelForCausalLM.from_pretrained(ckpt / "model", dtype=torch.float32)
-        state = torch.load(ckpt / "state.pt", weights_only=False)
+        state = saved["state"]
         start = state["step"]
         torch.set_rng_state(state["torch_rng"])
     else:
@@ -333,8 +353,8 @@ def train(config: TrainConfig, out, *, tokenizer=None, device: str = "cpu", prog
                                   betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
     if ckpt.exists():
-        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=False))
-        scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=False))
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
     model, optimizer = accelerator.prepare(model, optimizer)
 
     log = _read_log(out, start) if main else []
