@@ -281,6 +281,7 @@ def cmd_plot(args) -> int:
 def cmd_lm_eval(args) -> int:
     from .distributed import barrier, from_rank0
     from .lmeval import PASSKEY_TASK, RankFailed, lm_eval_run, require_lm_eval, write_passkey_task
+    from .ruler_lmeval import ruler_tasks_named, write_ruler_tasks
 
     ranks = checked("torchrun's environment", Rank.from_environment).world_size
     if args.limit is not None and args.limit >= 1 and int(args.limit) < ranks:  # every rank refuses alike
@@ -291,6 +292,7 @@ def cmd_lm_eval(args) -> int:
     if more:
         raise BadInput(f"--method {args.method!r}: give one method (lm-eval runs one model at a time)")
     tasks = checked_list(args.tasks, "--tasks", "ropelab_passkey,hellaswag")
+    ruler_tasks = checked("--tasks", ruler_tasks_named, tasks)  # ropelab_ruler_*: generated below
     if args.limit is not None and args.limit <= 0:
         raise BadInput(f"--limit: limit={args.limit!r}: must be > 0 (>= 1: examples per task; < 1: a fraction)")
     passkey_lengths = parse_lengths(args.passkey_lengths, "--passkey-lengths")
@@ -301,9 +303,17 @@ def cmd_lm_eval(args) -> int:
     barrier()  # every rank checked --out before rank 0 takes it (lm_eval_run)
     model, tokenizer, source = _load(args, options)
     include = args.include_path
-    if PASSKEY_TASK in tasks and include is None:  # written once, by rank 0, for all
-        include = from_rank0(lambda: str(write_passkey_task(os.path.join(args.out, "tasks"), tokenizer,
-                                                            passkey_lengths)))
+
+    def write_tasks() -> str:
+        folder = os.path.join(args.out, "tasks")
+        if PASSKEY_TASK in tasks:
+            write_passkey_task(folder, tokenizer, passkey_lengths)
+        if ruler_tasks:
+            write_ruler_tasks(folder, tokenizer, ruler_tasks, passkey_lengths)
+        return folder
+
+    if (PASSKEY_TASK in tasks or ruler_tasks) and include is None:  # written once, by rank 0, for all
+        include = from_rank0(write_tasks)
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit  # < 1: a fraction
     try:
         records = lm_eval_run(model, tokenizer, tasks, [method], out=args.out, model_source=source,
@@ -404,7 +414,8 @@ def add_lm_eval(subparsers):
     p.add_argument("--include-path", default=None, help="folder of local task YAMLs")
     p.add_argument("--limit", type=float, default=None, help="examples per task (for quick checks)")
     p.add_argument("--max-length", type=int, default=None, help="HFLM max_length")
-    p.add_argument("--passkey-lengths", default="1k,2k", help="lengths of the generated passkey task")
+    p.add_argument("--passkey-lengths", default="1k,2k",
+                   help="lengths of the generated tasks (ropelab_passkey, ropelab_ruler_*)")
 
 
 # Each entry adds one subcommand: `add(subparsers)`. A new eval kind appends its own here.

@@ -1,6 +1,7 @@
 """RULER-style tasks (evals/ruler.py) as local lm-evaluation-harness tasks, for the bridge in
-evals/lmeval.py: `lm_eval_run(..., include_path=DIR)` (the runner's jobs, one per task) or
-`ropelab lm-eval --include-path DIR --tasks ropelab_ruler_niah-single`.
+evals/lmeval.py: `ropelab lm-eval --tasks ropelab_ruler_niah_single` writes them into
+`OUT/tasks` at `--passkey-lengths` (as it does `ropelab_passkey`); from Python,
+`write_ruler_tasks(DIR, ...)` then `lm_eval_run(..., include_path=DIR)`.
 
 `write_ruler_tasks` writes, per task, `ropelab_ruler_<task>.yaml` and its data
 (`.jsonl`: the generated prompts, their expected strings, length and depth) and one
@@ -12,10 +13,11 @@ as text, so they run with no download.
 
 from __future__ import annotations
 
+import difflib
 import json
 from pathlib import Path
 
-from .ruler import get_task, make_samples
+from .ruler import TASKS, get_task, make_samples
 
 PREFIX = "ropelab_ruler_"
 
@@ -55,6 +57,22 @@ def process_results(doc, results):
 
 def task_name(task: str) -> str:
     return PREFIX + task.replace("-", "_")
+
+
+def ruler_tasks_named(names) -> list[str]:
+    """The RULER-style tasks (`ruler.TASKS`) behind the lm-eval task names among `names` that start
+    with `ropelab_ruler_`; ValueError with a did-you-mean for such a name that is none of them."""
+    known = {task_name(t): t for t in TASKS}
+    tasks = []
+    for name in names:
+        if not name.startswith(PREFIX):
+            continue
+        if name not in known:
+            close = difflib.get_close_matches(name, list(known), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ValueError(f"task={name!r}: no such RULER-style task; {hint}available: {', '.join(known)}")
+        tasks.append(known[name])
+    return tasks
 
 
 def write_ruler_tasks(directory, tokenizer, tasks, lengths, depths=(0.5,), samples: int = 1, seed: int = 0,
