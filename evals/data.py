@@ -34,7 +34,8 @@ DATA_HELP = ("'stdlib' (default), a text file, FILE.jsonl[.gz][:FIELD] (default 
              "FILE.parquet[:COLUMN], a folder of these (each file by its kind), or hf:NAME[:CONFIG[:SPLIT]]")
 _STDLIB_EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__", "data", "lib2to3", "turtledemo"}
 
-__all__ = ["DATA_HELP", "Document", "TokenizedDocument", "check_source", "iter_documents", "select_documents", "stdlib_files"]
+__all__ = ["DATA_HELP", "Document", "TokenizedDocument", "check_source", "iter_documents", "select_documents",
+           "stdlib_files"]
 
 
 @dataclass(frozen=True)
